@@ -1,0 +1,90 @@
+"""The model registry: which bundle versions exist and which one serves each model name.
+
+Imported by workers, so no torch here. A version enters as ``staging`` after its bundle verifies;
+promoting it makes it ``production`` and retires the version it replaces, in one transaction, so
+a name never has two production versions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Event, Model, ModelStage
+from lightbox.errors import ManifestError, ModelNotFoundError
+from lightbox.manifest import load_manifest
+
+
+def register_bundle(session: Session, bundle_dir: Path, promote: bool = False) -> Model:
+    """Verify the bundle (every file against its sha256) and record it as a staging version.
+
+    Registering the same bundle again is a no-op (returns the existing row); a different bundle
+    under an already registered name and version is refused.
+    """
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = load_manifest(bundle_dir, verify=True)
+    data = manifest.model_dump(mode="json")
+    row = _get(session, manifest.name, manifest.version)
+    if row is not None and row.manifest.get("files") != data["files"]:
+        raise ManifestError(
+            f"{manifest.name} {manifest.version} is already registered with different files"
+        )
+    if row is None:
+        row = Model(name=manifest.name, version=manifest.version, stage=ModelStage.staging,
+                    bundle_path=str(bundle_dir), manifest=data)
+        session.add(row)
+        session.flush()
+        _event(session, "model_registered", row, bundle_path=str(bundle_dir))
+    if promote:
+        _make_production(session, row)
+    return row
+
+
+def promote(session: Session, name: str, version: str) -> Model:
+    """Make ``version`` the production model of ``name``; the previous production one retires."""
+    row = _get(session, name, version)
+    if row is None:
+        raise ModelNotFoundError(f"no registered model {name} {version}")
+    _make_production(session, row)
+    return row
+
+
+def production_model(session: Session, name: str) -> Model | None:
+    """The version of ``name`` that new jobs should use, if any."""
+    return session.scalars(
+        select(Model).where(Model.name == name, Model.stage == ModelStage.production)
+        .order_by(Model.id.desc()).limit(1)
+    ).first()
+
+
+def list_models(session: Session) -> list[Model]:
+    """Every registered version, by name, oldest first."""
+    return list(session.scalars(select(Model).order_by(Model.name, Model.id)))
+
+
+def _make_production(session: Session, row: Model) -> None:
+    """Row-lock the current production version(s) (PostgreSQL) so that two concurrent
+    promotions cannot both leave a production row behind."""
+    current = session.scalars(
+        select(Model)
+        .where(Model.name == row.name, Model.stage == ModelStage.production, Model.id != row.id)
+        .with_for_update()
+    ).all()
+    for old in current:
+        old.stage = ModelStage.retired
+    if row.stage != ModelStage.production or current:
+        row.stage = ModelStage.production
+        _event(session, "model_promoted", row, retired=[old.version for old in current])
+    session.flush()
+
+
+def _get(session: Session, name: str, version: str) -> Model | None:
+    return session.scalars(
+        select(Model).where(Model.name == name, Model.version == version)
+    ).first()
+
+
+def _event(session: Session, kind: str, row: Model, **detail: object) -> None:
+    session.add(Event(kind=kind, detail={"name": row.name, "version": row.version, **detail}))

@@ -1,0 +1,276 @@
+"""The one command line: ``lightbox``. Each command is a thin shell over a component."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lightbox.output import print_rows, to_json
+from lightbox.settings import Settings, get_settings
+
+# Wide enough for the findings table when output goes to a file or CI log.
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _ensure_db(settings: Settings) -> None:
+    from db.migrate import upgrade
+
+    upgrade(settings.sqlalchemy_url)
+
+
+@click.group()
+def main() -> None:
+    """Lightbox: batch AI inference for hospital imaging queues."""
+
+
+@main.group()
+def db() -> None:
+    """Database administration."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema to the newest revision."""
+    settings = get_settings()
+    _ensure_db(settings)
+    from db.migrate import current_revision
+
+    console.print(f"database at revision {current_revision(settings.sqlalchemy_url)}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--move", is_flag=True, help="Remove each source file once registered.")
+def ingest(paths: tuple[Path, ...], move: bool) -> None:
+    """Register DICOM files or folders (one-shot)."""
+    from rich.progress import Progress
+
+    from scheduler.ingest_folder import ingest_paths, iter_files
+
+    settings = get_settings()
+    _setup_logging(settings)
+    _ensure_db(settings)
+    total = sum(1 for _ in iter_files(paths))
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("ingesting", total=total)
+        counts = ingest_paths(settings, list(paths), move=move,
+                              on_result=lambda *_: progress.advance(task))
+    console.print(to_json(dict(counts)))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+def watch(directory: Path) -> None:
+    """Watch a folder and ingest every file dropped into it (files are moved out)."""
+    from scheduler.ingest_folder import watch as run_watch
+
+    settings = get_settings()
+    _setup_logging(settings)
+    _ensure_db(settings)
+    counts = run_watch(settings, directory, _stop_on_signals())
+    logging.getLogger("lightbox.watch").info("watch stopped: %s", dict(counts))
+
+
+@main.command()
+def scheduler() -> None:
+    """Run the scheduler: readiness, routing, dispatch, requeue of failed and lost jobs."""
+    from lightbox.celery_app import make_celery
+    from scheduler.loop import run_scheduler
+
+    settings = get_settings()
+    _setup_logging(settings)
+    _ensure_db(settings)
+    run_scheduler(settings, make_celery(settings), _stop_on_signals())
+
+
+@main.command()
+def worker() -> None:
+    """Run an inference worker (Celery, solo pool)."""
+    from worker.tasks import run_worker
+
+    settings = get_settings()
+    _setup_logging(settings)
+    _ensure_db(settings)
+    run_worker(settings, loglevel=settings.log_level.upper())
+
+
+@main.command()
+@click.option("--study", "study_uid", help="Study Instance UID.")
+@click.option("--label")
+@click.option("--min-score", type=float)
+@click.option("--since", type=click.DateTime(), help="Findings created at or after (UTC).")
+@click.option("--all", "include_superseded", is_flag=True, help="Include superseded findings.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+def results(study_uid: str | None, label: str | None, min_score: float | None,
+            since: datetime | None, include_superseded: bool, fmt: str) -> None:
+    """Query findings."""
+    from db.queries import findings
+    from db.session import session_scope
+
+    settings = get_settings()
+    _ensure_db(settings)
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    with session_scope(settings.sqlalchemy_url) as session:
+        rows = findings(session, study_uid=study_uid, label=label, min_score=min_score,
+                        since=since, include_superseded=include_superseded)
+    print_rows(console, rows, fmt)
+
+
+def queue_depth(settings: Settings) -> int | None:
+    from lightbox.redis_server import broker_url, redis_client
+    from lightbox.tasks import PRIORITY_STEPS, QUEUE
+
+    try:
+        client = redis_client(broker_url(settings, start=False))
+        keys = [QUEUE if p == 0 else f"{QUEUE}:{p}" for p in PRIORITY_STEPS]
+        return int(sum(client.llen(k) for k in keys))
+    except Exception:  # noqa: BLE001 - Redis down is a status to report, not a crash
+        return None
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def status(fmt: str) -> None:
+    """Jobs by state, queue depth, workers seen, failed jobs and quarantined files."""
+    from db.queries import status as query_status
+    from db.session import session_scope
+
+    settings = get_settings()
+    _ensure_db(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        report = query_status(session)
+    report["queue_depth"] = queue_depth(settings)
+    if fmt == "json":
+        print(to_json(report))
+        return
+    table = Table(title="Jobs")
+    for state in report["jobs"]:
+        table.add_column(state)
+    table.add_row(*(str(v) for v in report["jobs"].values()))
+    console.print(table)
+    console.print(f"studies: {report['studies']}   queue depth: {report['queue_depth']}")
+    for w in report["workers"]:
+        console.print(f"worker {w['hostname']} runtime={w['runtime']} last seen {w['last_seen_at']}")
+    for job in report["problem_jobs"]:
+        console.print(f"[red]job {job['job_id']} {job['state']}[/red] {job['model']} "
+                      f"study …{job['study_instance_uid'][-16:]}: {job['error_code']}: "
+                      f"{job['error_detail']}")
+    for q in report["quarantined"]:
+        console.print(f"[yellow]quarantined[/yellow] {q['name']}: {q['reason']} ({q['code']})")
+
+
+@main.command()
+@click.option("--name", default="chest", show_default=True)
+@click.option("--images", default=None, type=int, help="Synthetic training images.")
+@click.option("--epochs", default=None, type=int)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--promote/--no-promote", default=True, show_default=True)
+def train(name: str, images: int | None, epochs: int | None, seed: int, promote: bool) -> None:
+    """Train the seed pneumonia CNN on SYNTHETIC radiographs, export ONNX, register a bundle."""
+    settings = get_settings()
+    _ensure_db(settings)
+    result = train_with_progress(settings, name=name, images=images, epochs=epochs, seed=seed,
+                                 promote=promote)
+    console.print(to_json({"bundle": str(result.bundle_dir), "version": result.version,
+                           "metrics": result.metrics}))
+
+
+def train_with_progress(settings: Settings, **kwargs: object):  # type: ignore[no-untyped-def]
+    try:
+        from trainer.train import train_seed_cnn
+    except ImportError as exc:
+        raise click.ClickException(
+            f"training needs the 'train' extra (pip install -e '.[train]'): {exc}") from exc
+    from rich.progress import Progress
+
+    options = {k: v for k, v in kwargs.items() if v is not None}
+    with Progress(console=console) as progress:
+        task = progress.add_task("training", total=None)
+
+        def report(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        return train_seed_cnn(settings, progress=report, **options)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """Registered model bundles (list by default)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(models_list)
+
+
+@models.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def models_list(fmt: str) -> None:
+    from db.registry import list_models
+    from db.session import session_scope
+
+    settings = get_settings()
+    _ensure_db(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        rows = [{"name": m.name, "version": m.version, "stage": m.stage.value,
+                 "auroc": m.manifest.get("metrics", {}).get("auroc"),
+                 "bundle": m.bundle_path} for m in list_models(session)]
+    if fmt == "json":
+        print(to_json(rows))
+        return
+    table = Table(title="Models")
+    for column in ("name", "version", "stage", "auroc", "bundle"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("name", "version", "stage", "auroc", "bundle")))
+    console.print(table)
+
+
+@models.command("promote")
+@click.argument("name")
+@click.argument("version")
+def models_promote(name: str, version: str) -> None:
+    """Make VERSION the production version of NAME."""
+    from db.registry import promote
+    from db.session import session_scope
+
+    settings = get_settings()
+    _ensure_db(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        promote(session, name, version)
+    console.print(f"{name} {version} is now production")
+
+
+@main.command()
+@click.option("--studies", default=8, show_default=True, help="Synthetic studies to generate.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for results.")
+def demo(studies: int, timeout: float) -> None:
+    """Run the whole path on this machine with nothing else running, then shut it all down."""
+    from lightbox.demo import run_demo
+
+    sys.exit(run_demo(get_settings(), console, studies=studies, timeout=timeout))
+
+
+if __name__ == "__main__":
+    main()

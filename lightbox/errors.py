@@ -1,0 +1,52 @@
+"""The one exception tree. Messages carry UIDs, never patient data.
+
+    LightboxError
+    ├── ConfigurationError        settings or rules that cannot work
+    ├── IngestError               a file that cannot be registered (it is quarantined)
+    │   └── NotDicomError         not DICOM at all
+    ├── PixelDecodeError          pixels that cannot be decoded for a model
+    ├── ManifestError             a model bundle that is incomplete or altered
+    ├── ModelNotFoundError        no such model / no production version
+    ├── RuntimeUnavailableError   the chosen model runtime cannot run on this node
+    └── JobStateError             a job transition that is not allowed
+"""
+
+from __future__ import annotations
+
+
+class LightboxError(Exception):
+    """Base of every error Lightbox raises on purpose. ``code`` is stored on failed jobs."""
+
+    code = "lightbox_error"
+
+
+class ConfigurationError(LightboxError):
+    code = "configuration"
+
+
+class IngestError(LightboxError):
+    code = "ingest"
+
+
+class NotDicomError(IngestError):
+    code = "not_dicom"
+
+
+class PixelDecodeError(LightboxError):
+    code = "pixel_decode"
+
+
+class ManifestError(LightboxError):
+    code = "manifest"
+
+
+class ModelNotFoundError(LightboxError):
+    code = "model_not_found"
+
+
+class RuntimeUnavailableError(LightboxError):
+    code = "runtime_unavailable"
+
+
+class JobStateError(LightboxError):
+    code = "job_state"

@@ -1,0 +1,112 @@
+"""The model bundle manifest: what a worker needs to serve a model exactly as it was trained.
+
+A bundle is a directory holding ``manifest.json`` and the files it lists (``model.onnx``, ...),
+each with its sha256. Workers refuse a bundle whose files do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from lightbox.errors import ManifestError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+
+class InputSpec(BaseModel):
+    name: str = "image"
+    channels: int = 1
+    height: int
+    width: int
+    dtype: Literal["float32"] = "float32"
+    dynamic_batch: bool = True
+
+
+class PreprocessSpec(BaseModel):
+    """How stored pixels become the model's input. Applied by :mod:`lightbox.preprocess`."""
+
+    # Display conversion (lightbox.pixels): modality LUT, VOI window, MONOCHROME1 inversion.
+    voi: Literal["window", "percentile"] = "window"
+    percentile_low: float = 0.5
+    percentile_high: float = 99.5
+    resize: Literal["area", "bilinear"] = "area"
+    keep_aspect: bool = False
+    mean: float = 0.5
+    std: float = 0.25
+
+
+class Manifest(BaseModel):
+    schema_version: int = MANIFEST_SCHEMA
+    name: str
+    version: str
+    task: Literal["binary", "multilabel", "multiclass"] = "binary"
+    architecture: str
+    input: InputSpec
+    output_name: str = "scores"
+    # Scores are probabilities already (sigmoid/softmax inside the graph).
+    preprocessing: PreprocessSpec
+    labels: list[str]
+    thresholds: dict[str, float]
+    level: Literal["instance", "study"] = "instance"
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    training_data: dict[str, object] = Field(default_factory=dict)
+    created_at: str | None = None
+
+    def threshold_for(self, label: str) -> float:
+        return self.thresholds.get(label, 0.5)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bundle_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
+    """Hash every file in the bundle (except the manifest) into the manifest and write it."""
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(bundle_dir.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    manifest = manifest.model_copy(update={"files": files})
+    (bundle_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def load_manifest(bundle_dir: Path, verify: bool = True) -> Manifest:
+    """Read a bundle's manifest; with ``verify``, refuse it unless every file matches its hash."""
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_NAME} in bundle {bundle_dir}")
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(f"invalid manifest in {bundle_dir}: {exc}") from exc
+    if verify:
+        verify_bundle(bundle_dir, manifest)
+    return manifest
+
+
+def verify_bundle(bundle_dir: Path, manifest: Manifest) -> None:
+    if "model.onnx" not in manifest.files:
+        raise ManifestError(f"bundle {bundle_dir} lists no model.onnx")
+    for name, expected in manifest.files.items():
+        file = bundle_dir / name
+        if not file.is_file():
+            raise ManifestError(f"bundle {bundle_dir} is missing {name}")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ManifestError(
+                f"bundle {bundle_dir}: {name} has sha256 {actual[:12]}…, manifest says "
+                f"{expected[:12]}… (file altered or corrupt)"
+            )

@@ -1,0 +1,59 @@
+"""Rendering rows for people (rich tables) and for scripts (JSON, CSV)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, default=_plain, indent=2)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: _plain(v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def findings_table(rows: list[dict[str, Any]], title: str = "Findings") -> Table:
+    table = Table(title=title)
+    for column in ("study", "SOP instance", "model", "label", "score", "threshold", "result"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            "…" + row["study_instance_uid"][-10:],
+            "…" + (row["sop_instance_uid"] or "(study)")[-10:],
+            f"{row['model']}@{row['model_version'][:15]}",
+            row["label"],
+            f"{row['score']:.3f}",
+            f"{row['threshold']:.3f}",
+            "[red]POSITIVE[/red]" if row["positive"] else "[green]negative[/green]",
+        )
+    return table
+
+
+def print_rows(console: Console, rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "json":
+        print(to_json(rows))
+    elif fmt == "csv":
+        print(to_csv(rows), end="")
+    else:
+        console.print(findings_table(rows))

@@ -1,0 +1,112 @@
+"""From ready studies to job messages.
+
+Jobs are rows first: a job is inserted as ``queued`` with ``enqueued_at`` NULL and committed;
+only then is its Celery message sent, and ``enqueued_at`` set. A crash between the two leaves a
+queued, unsent job that the next pass sends (the transactional outbox). A message sent twice
+is harmless: the worker's claim and its findings write are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from celery import Celery
+from sqlalchemy import case, select
+from sqlalchemy.orm import Session, selectinload
+
+from db import jobs as job_states
+from db.models import Event, Job, JobState, Model, ModelStage, Priority, Study, StudyStatus
+from db.session import session_scope
+from db.upsert import insert_ignore
+from lightbox.settings import Settings
+from lightbox.tasks import PRIORITY_ROUTINE, PRIORITY_STAT, PROCESS_JOB
+from scheduler.route import Rule, route_study
+
+log = logging.getLogger(__name__)
+BATCH = 200
+
+
+@dataclass
+class PassReport:
+    studies_dispatched: int = 0
+    studies_unrouted: int = 0
+    jobs_created: int = 0
+    jobs_sent: int = 0
+    jobs_requeued: int = 0
+
+
+def _production(session: Session, name: str) -> Model | None:
+    return session.scalars(
+        select(Model).where(Model.name == name, Model.stage == ModelStage.production)
+    ).first()
+
+
+def _ready(session: Session, quiet_seconds: float) -> list[Study]:
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=quiet_seconds)
+    query = (
+        select(Study)
+        .where(Study.status == StudyStatus.receiving, Study.last_received_at <= cutoff)
+        .order_by(Study.last_received_at)
+        .limit(BATCH)
+        .options(selectinload(Study.series))
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True, of=Study)
+    return list(session.scalars(query))
+
+
+def dispatch_ready(settings: Settings, rules: list[Rule], report: PassReport) -> None:
+    """Route quiet studies and create their jobs (committed, not yet sent)."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        now = datetime.now(timezone.utc)
+        for study in _ready(session, settings.quiet_seconds):
+            routes = route_study(rules, [s.tags or {} for s in study.series])
+            models = [(r, _production(session, r.model)) for r in routes]
+            missing = [r.model for r, m in models if m is None]
+            study.routed_at = now
+            if not routes or missing:
+                study.status = StudyStatus.unrouted
+                reason = "no routing rule matched" if not routes else (
+                    f"no production version of model(s): {', '.join(missing)}")
+                session.add(Event(kind="study_unrouted", study_instance_uid=study.study_instance_uid,
+                                  detail={"reason": reason, "revision": study.revision}))
+                report.studies_unrouted += 1
+                continue
+            insert_ignore(session, Job, [
+                {"study_id": study.id, "study_revision": study.revision, "model_id": m.id,
+                 "priority": r.priority, "state": JobState.queued, "created_at": now}
+                for r, m in models if m is not None
+            ])
+            study.status, study.dispatched_revision = StudyStatus.dispatched, study.revision
+            study.priority = (Priority.stat if any(r.priority == Priority.stat for r in routes)
+                              else Priority.routine)
+            session.add(Event(kind="study_dispatched", study_instance_uid=study.study_instance_uid,
+                              detail={"revision": study.revision,
+                                      "models": [r.model for r in routes]}))
+            report.studies_dispatched += 1
+            report.jobs_created += len(models)
+
+
+def send_pending(settings: Settings, app: Celery, report: PassReport) -> None:
+    """Send every queued job that has no message yet (new, retried, or lost in a crash)."""
+    with session_scope(settings.sqlalchemy_url) as session:
+        report.jobs_requeued += job_states.requeue_due(session)
+    while True:
+        with session_scope(settings.sqlalchemy_url) as session:
+            query = (select(Job.id, Job.priority)
+                     .where(Job.state == JobState.queued, Job.enqueued_at.is_(None))
+                     .order_by(case((Job.priority == Priority.stat, 0), else_=1), Job.id)
+                     .limit(BATCH))
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = list(session.execute(query))
+            if not rows:
+                return
+            for job_id, priority in rows:
+                app.send_task(PROCESS_JOB, args=[job_id],
+                              priority=PRIORITY_STAT if priority == Priority.stat
+                              else PRIORITY_ROUTINE)
+            job_states.mark_enqueued(session, [job_id for job_id, _ in rows])
+            report.jobs_sent += len(rows)

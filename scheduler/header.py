@@ -1,0 +1,118 @@
+"""Read and check a DICOM file's header before it is accepted.
+
+A file is accepted only if it parses as DICOM Part 10, carries the UIDs Lightbox keys on, and
+its pixel data (if any) is complete. Everything else raises :class:`IngestError` with a reason
+that names no patient data, so the caller can quarantine it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from lightbox.errors import IngestError, NotDicomError
+
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# Tags copied to the series row for routing. Never PHI.
+ROUTING_TAGS = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "SeriesDescription",
+    "StudyDescription",
+    "ProtocolName",
+    "Manufacturer",
+    "ImageType",
+)
+
+
+@dataclass(frozen=True)
+class Header:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    rows: int | None
+    columns: int | None
+    has_pixels: bool
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
+    if not value:
+        raise IngestError(f"missing {keyword}")
+    if len(value) > 64 or not UID_PATTERN.match(value):
+        raise IngestError(f"invalid {keyword} (not a DICOM UID)")
+    return value
+
+
+def _tag_value(value: Any) -> Any:
+    if isinstance(value, pydicom.multival.MultiValue):
+        return [str(v) for v in value]
+    return str(value).strip()
+
+
+def _check_pixels(ds: Dataset) -> None:
+    """Refuse truncated pixel data without decoding it (decoding is the worker's job)."""
+    if "PixelData" not in ds:
+        return
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    data = ds.PixelData
+    if not ts.is_encapsulated:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * frames * bits // 8
+        if len(data) < expected:
+            raise IngestError(f"pixel data truncated: {len(data)} of {expected} bytes")
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        count = sum(1 for _ in generate_frames(data, number_of_frames=frames))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise IngestError(f"encapsulated pixel data unreadable: {type(exc).__name__}") from exc
+    if count < frames:
+        raise IngestError(f"encapsulated pixel data holds {count} of {frames} frames")
+
+
+def read_header(path: Path) -> Header:
+    """Parse ``path`` (pixel bytes read, not decoded) and return what registration needs."""
+    try:
+        ds = pydicom.dcmread(str(path))
+    except InvalidDicomError as exc:
+        raise NotDicomError("not a DICOM Part 10 file (no 'DICM' prefix or file meta)") from exc
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+            AttributeError, NotImplementedError, OSError, MemoryError) as exc:
+        raise IngestError(f"unreadable DICOM: {type(exc).__name__}") from exc
+    try:
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+        if not ts:
+            raise IngestError("file meta has no TransferSyntaxUID")
+        _check_pixels(ds)
+        tags = {kw: _tag_value(ds.get(kw)) for kw in ROUTING_TAGS if ds.get(kw) not in (None, "")}
+        return Header(
+            study_instance_uid=_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            transfer_syntax_uid=ts,
+            rows=int(ds.Rows) if "Rows" in ds else None,
+            columns=int(ds.Columns) if "Columns" in ds else None,
+            has_pixels="PixelData" in ds,
+            tags=tags,
+        )
+    except IngestError:
+        raise
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+            AttributeError, NotImplementedError, OSError) as exc:
+        # Deferred parsing errors surface when elements are first accessed.
+        raise IngestError(f"malformed DICOM element: {type(exc).__name__}") from exc

@@ -1,0 +1,50 @@
+"""Quarantine: a file that cannot be registered is moved (or copied) aside with its reason in
+the database, never deleted and never allowed to stop the rest of the ingest."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from db.models import Event, QuarantinedFile
+from lightbox.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_NAME = 80
+
+
+def _safe_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[-MAX_NAME:]
+    return cleaned.lstrip(".") or "file"
+
+
+def quarantine_file(
+    settings: Settings, session: Session, path: Path, *, code: str, reason: str, move: bool,
+    sha256: str | None = None,
+) -> QuarantinedFile:
+    """Put ``path`` in quarantine and record why. ``path`` may be a symlink: the link itself is
+    moved, never what it points to."""
+    day = datetime.now(timezone.utc).strftime("%Y%m%d")
+    target = settings.quarantine_dir / day / f"{uuid.uuid4().hex[:12]}-{_safe_name(path.name)}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size = path.lstat().st_size if path.is_symlink() else path.stat().st_size
+    if move:
+        shutil.move(str(path), str(target))
+    elif path.is_symlink():
+        target.symlink_to(path.readlink())
+    else:
+        shutil.copy2(path, target)
+    row = QuarantinedFile(
+        original_name=path.name[-255:], quarantine_path=str(target), size_bytes=size,
+        sha256=sha256, reason_code=code, reason=reason,
+    )
+    session.add(row)
+    session.add(Event(kind="file_quarantined", detail={"code": code, "reason": reason,
+                                                       "path": str(target)}))
+    log.warning("quarantined %s: %s (%s)", path.name, reason, code)
+    return row
