@@ -8,18 +8,25 @@ that names no patient data, so the caller can quarantine it.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
 from lightbox.errors import IngestError, NotDicomError
 
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# What pydicom raises for malformed or cut-short bytes, on reading or on first access.
+PARSE_ERRORS = (EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+                AttributeError, NotImplementedError, OSError, BytesLengthException, struct.error)
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 # Tags copied to the series row for routing. Never PHI.
 ROUTING_TAGS = (
@@ -62,8 +69,35 @@ def _tag_value(value: Any) -> Any:
     return str(value).strip()
 
 
+def _check_complete(ds: Dataset) -> None:
+    """pydicom ends quietly where a file ends: an element whose value is shorter than its
+    declared length (at any depth) means the file was cut."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement):
+            if (elem.length != UNDEFINED_LENGTH and elem.value is not None
+                    and len(elem.value) < elem.length):
+                raise IngestError(
+                    f"file truncated: element {elem.tag} has {len(elem.value)} of "
+                    f"{elem.length} bytes"
+                )
+        elif elem is not None and elem.VR == "SQ":
+            for item in elem.value:
+                _check_complete(item)
+
+
+def _needs_pixels(ds: Dataset) -> bool:
+    """An image object (by SOP class, or by carrying Rows) must carry pixel data."""
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+    return "Rows" in ds or (bool(sop_class) and "Image Storage" in UID(sop_class).name)
+
+
 def _check_pixels(ds: Dataset) -> None:
     """Refuse truncated pixel data without decoding it (decoding is the worker's job)."""
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        if _needs_pixels(ds):
+            raise IngestError("image without pixel data (file truncated?)")
+        return
     if "PixelData" not in ds:
         return
     ts = UID(ds.file_meta.TransferSyntaxUID)
@@ -71,7 +105,10 @@ def _check_pixels(ds: Dataset) -> None:
     if not ts.is_encapsulated:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         bits = int(ds.BitsAllocated)
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * frames * bits // 8
+        samples = int(ds.SamplesPerPixel)
+        if samples == 3 and str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            samples = 2  # chroma subsampled horizontally: 2 values per pixel on average
+        expected = int(ds.Rows) * int(ds.Columns) * samples * frames * bits // 8
         if len(data) < expected:
             raise IngestError(f"pixel data truncated: {len(data)} of {expected} bytes")
         return
@@ -90,13 +127,13 @@ def read_header(path: Path) -> Header:
         ds = pydicom.dcmread(str(path))
     except InvalidDicomError as exc:
         raise NotDicomError("not a DICOM Part 10 file (no 'DICM' prefix or file meta)") from exc
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
-            AttributeError, NotImplementedError, OSError, MemoryError) as exc:
+    except (*PARSE_ERRORS, MemoryError) as exc:
         raise IngestError(f"unreadable DICOM: {type(exc).__name__}") from exc
     try:
         ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
         if not ts:
             raise IngestError("file meta has no TransferSyntaxUID")
+        _check_complete(ds)
         _check_pixels(ds)
         tags = {kw: _tag_value(ds.get(kw)) for kw in ROUTING_TAGS if ds.get(kw) not in (None, "")}
         return Header(
@@ -112,7 +149,6 @@ def read_header(path: Path) -> Header:
         )
     except IngestError:
         raise
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
-            AttributeError, NotImplementedError, OSError) as exc:
+    except PARSE_ERRORS as exc:
         # Deferred parsing errors surface when elements are first accessed.
         raise IngestError(f"malformed DICOM element: {type(exc).__name__}") from exc

@@ -53,7 +53,13 @@ def _study_images(session, job: Job) -> list[ImageRef]:  # type: ignore[no-untyp
 
 def _infer(model: LoadedModel, images: list[ImageRef]) -> np.ndarray:
     """Scores (N, labels) for the study's images, in one runtime call."""
-    batch = np.stack([prepare_file(img.path, model.manifest) for img in images])
+    tensors = []
+    for image in images:
+        try:
+            tensors.append(prepare_file(image.path, model.manifest))
+        except PixelDecodeError as exc:
+            raise PixelDecodeError(f"instance {image.sop_instance_uid}: {exc}") from exc
+    batch = np.stack(tensors)
     outputs = model.runtime.infer(batch)
     scores = outputs.get(model.manifest.output_name)
     if scores is None:
