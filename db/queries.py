@@ -89,7 +89,7 @@ def studies_pending(session: Session, study_uids: list[str]) -> int:
     ).all()
     pending = len(set(study_uids) - {r[0] for r in rows})
     open_states = [JobState.queued, JobState.running, JobState.failed]
-    for uid, status_, study_id in rows:
+    for _uid, status_, study_id in rows:
         if status_ == StudyStatus.receiving:
             pending += 1
         elif status_ == StudyStatus.dispatched and session.scalar(

@@ -171,7 +171,9 @@ def status(fmt: str) -> None:
         table.add_column(state)
     table.add_row(*(str(v) for v in report["jobs"].values()))
     console.print(table)
-    console.print(f"studies: {report['studies']}   queue depth: {report['queue_depth']}")
+    depth = report["queue_depth"]
+    console.print(f"studies: {report['studies']}   queue depth: "
+                  f"{'unavailable (Redis not reachable)' if depth is None else depth}")
     for w in report["workers"]:
         console.print(f"worker {w['hostname']} runtime={w['runtime']} last seen {w['last_seen_at']}")
     for job in report["problem_jobs"]:
@@ -234,7 +236,7 @@ def models_list(fmt: str) -> None:
     _ensure_db(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         rows = [{"name": m.name, "version": m.version, "stage": m.stage.value,
-                 "auroc": m.manifest.get("metrics", {}).get("auroc"),
+                 "auroc": round(m.manifest.get("metrics", {}).get("auroc", float("nan")), 4),
                  "bundle": m.bundle_path} for m in list_models(session)]
     if fmt == "json":
         print(to_json(rows))
@@ -245,6 +247,47 @@ def models_list(fmt: str) -> None:
     for row in rows:
         table.add_row(*(str(row[c]) for c in ("name", "version", "stage", "auroc", "bundle")))
     console.print(table)
+
+
+@models.command("register")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--promote", is_flag=True, help="Make it the production version at once.")
+def models_register(bundle: Path, promote: bool) -> None:
+    """Register a bundle directory (its files are checked against the manifest's sha256)."""
+    from db.registry import register_bundle
+    from db.session import session_scope
+    from lightbox.errors import ManifestError
+
+    settings = get_settings()
+    _ensure_db(settings)
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            model = register_bundle(session, bundle.resolve(), promote=promote)
+            console.print(f"registered {model.name} {model.version} ({model.stage.value})")
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@models.command("show")
+@click.argument("name")
+@click.argument("version")
+def models_show(name: str, version: str) -> None:
+    """Print a registered version's manifest."""
+    from sqlalchemy import select
+
+    from db.models import Model
+    from db.session import session_scope
+
+    settings = get_settings()
+    _ensure_db(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        model = session.scalars(
+            select(Model).where(Model.name == name, Model.version == version)).first()
+        if model is None:
+            raise click.ClickException(f"no model {name} {version}")
+        print(to_json({"name": model.name, "version": model.version,
+                       "stage": model.stage.value, "bundle": model.bundle_path,
+                       "manifest": model.manifest}))
 
 
 @models.command("promote")

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from db.migrate import upgrade
 from db.models import Finding, Job, Model, ModelStage, Study
-from db.queries import findings, studies_pending, status
+from db.queries import findings, status, studies_pending
 from db.session import session_scope
 from lightbox.output import findings_table
 from lightbox.redis_server import (

@@ -33,10 +33,14 @@ def quarantine_file(
     target = settings.quarantine_dir / day / f"{uuid.uuid4().hex[:12]}-{_safe_name(path.name)}"
     target.parent.mkdir(parents=True, exist_ok=True)
     size = path.lstat().st_size if path.is_symlink() else path.stat().st_size
-    if move:
+    if path.is_symlink():
+        # The link is recreated with its target made absolute: a relative target would
+        # otherwise resolve against the quarantine folder (shutil.move keeps it verbatim).
+        target.symlink_to(path.absolute().parent / path.readlink())
+        if move:
+            path.unlink()
+    elif move:
         shutil.move(str(path), str(target))
-    elif path.is_symlink():
-        target.symlink_to(path.readlink())
     else:
         shutil.copy2(path, target)
     row = QuarantinedFile(

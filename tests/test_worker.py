@@ -174,3 +174,41 @@ def test_late_instance_creates_revision_and_supersedes(env: Backend, tmp_path: P
     assert {r["sop_instance_uid"] for r in current} == set(study.sop_instance_uids)
     assert {r["job_id"] for r in current} == {second}
     assert len(everything) == 3 and sum(r["superseded"] for r in everything) == 1
+
+
+def test_stat_job_overtakes_routine_backlog(env: Backend, tmp_path: Path) -> None:
+    """Routine jobs are queued first; a STAT job queued after them is still run first."""
+    import pydicom
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - {name: stat-chest, match: {Modality: CR, SeriesDescription: '*STAT*'},"
+        " models: [chest], priority: stat}\n"
+        "  - {name: chest, match: {Modality: CR}, models: [chest], priority: routine}\n")
+    app = make_celery(env.settings)
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        _ingest(env, list(write_study(tmp_path / f"r{i}", rng, label=0).paths))
+    dispatch_ready(env.settings, load_rules(rules), PassReport())
+    send_pending(env.settings, app, PassReport())
+    stat = write_study(tmp_path / "stat", rng, label=1)
+    ds = pydicom.dcmread(stat.paths[0])
+    ds.SeriesDescription = "STAT CHEST PA"
+    ds.save_as(stat.paths[0])
+    _ingest(env, list(stat.paths))
+    dispatch_ready(env.settings, load_rules(rules), PassReport())
+    send_pending(env.settings, app, PassReport())
+    worker = env.spawn("worker", log=tmp_path / "worker.log")
+    try:
+        def all_done() -> bool:
+            with session_scope(env.settings.sqlalchemy_url) as session:
+                return all(j.state == JobState.succeeded for j in session.scalars(select(Job)))
+
+        wait_for(all_done, timeout=120, what="all five jobs")
+    finally:
+        stop_processes([worker])
+    with session_scope(env.settings.sqlalchemy_url) as session:
+        jobs = session.scalars(select(Job).order_by(Job.started_at)).all()
+    assert [j.priority.value for j in jobs] == ["stat"] + ["routine"] * 4
+    assert jobs[0].id == max(j.id for j in jobs)  # created last, run first

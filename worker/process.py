@@ -9,8 +9,8 @@ marked superseded, not deleted.
 from __future__ import annotations
 
 import logging
-import socket
 import os
+import socket
 import threading
 from dataclasses import dataclass
 
