@@ -47,13 +47,30 @@ def decode_frame(ds: Dataset) -> np.ndarray:
     return array
 
 
+def _stored_extremes(ds: Dataset) -> np.ndarray:
+    """The smallest and largest stored values the file's bit depth allows."""
+    bits = int(ds.get("BitsStored", 16) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1], dtype=np.int64)
+    return np.array([0, 2**bits - 1], dtype=np.int64)
+
+
 def to_display(array: np.ndarray, ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
     """Stored values → float32 in [0, 1], dense = bright."""
     values = apply_modality_lut(array, ds).astype(np.float32, copy=False)
-    has_window = "WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    # A VOI window or LUT is defined for grayscale only (colour was reduced to luminance).
+    has_window = photometric in ("MONOCHROME1", "MONOCHROME2") and (
+        "WindowCenter" in ds and "WindowWidth" in ds or "VOILUTSequence" in ds
+    )
     if spec.voi == "window" and has_window:
         values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
+        # Scale by the window's output range (what the stored extremes map to), not by this
+        # image's min/max: the window, not the image content, defines the display.
+        ends = apply_voi_lut(
+            apply_modality_lut(_stored_extremes(ds), ds).astype(np.float32), ds, index=0
+        )
+        low, high = float(np.min(ends)), float(np.max(ends))
     else:
         low, high = (float(v) for v in np.percentile(
             values[:: max(1, values.shape[0] // 256), :: max(1, values.shape[1] // 256)],
@@ -62,6 +79,6 @@ def to_display(array: np.ndarray, ds: Dataset, spec: PreprocessSpec) -> np.ndarr
     if high <= low:
         high = low + 1.0
     out = np.clip((values - low) / (high - low), 0.0, 1.0, dtype=np.float32)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         out = 1.0 - out
     return out

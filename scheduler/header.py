@@ -1,8 +1,10 @@
 """Read and check a DICOM file's header before it is accepted.
 
-A file is accepted only if it parses as DICOM Part 10, carries the UIDs Lightbox keys on, and
-its pixel data (if any) is complete. Everything else raises :class:`IngestError` with a reason
-that names no patient data, so the caller can quarantine it.
+A file is accepted only if it parses as DICOM Part 10, carries the UIDs Lightbox keys on, no
+element is cut short (pydicom stops quietly at the end of a truncated file), and its pixel data
+is complete (an image storage object without pixel data was cut before it). Everything else
+raises :class:`IngestError` with a reason that names no patient data, so the caller can
+quarantine it.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def _check_complete(ds: Dataset) -> None:
 
 
 def _needs_pixels(ds: Dataset) -> bool:
-    """An image object (by SOP class, or by carrying Rows) must carry pixel data."""
-    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
-    return "Rows" in ds or (bool(sop_class) and "Image Storage" in UID(sop_class).name)
+    """An image storage object (CT Image Storage, ...) without pixel data was cut short."""
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip().rstrip("\x00")
+    return bool(sop_class) and "Image Storage" in UID(sop_class).name
 
 
 def _check_pixels(ds: Dataset) -> None:

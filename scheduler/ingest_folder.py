@@ -115,7 +115,8 @@ def watch(settings: Settings, directory: Path, stop: threading.Event,
                     result = register_file(settings, file, source="folder", move=True,
                                            root=directory)
                 except OSError as exc:  # disk full, permissions: keep the file, try again later
-                    log.error("cannot ingest %s now: %s", file.name, exc)
+                    # strerror only: the path may carry a patient's name.
+                    log.error("cannot ingest a file now, will retry: %s", exc.strerror or exc)
                     continue
                 counts[result.outcome.value] += 1
                 if on_result:

@@ -39,6 +39,10 @@ def quarantine_file(
         target.symlink_to(path.absolute().parent / path.readlink())
         if move:
             path.unlink()
+    elif not path.is_file():
+        # A FIFO, socket or device: nothing to keep; record it and leave it where it is
+        # (reading a FIFO would block, copying a device is meaningless).
+        target = path.absolute()
     elif move:
         shutil.move(str(path), str(target))
     else:
@@ -50,5 +54,6 @@ def quarantine_file(
     session.add(row)
     session.add(Event(kind="file_quarantined", detail={"code": code, "reason": reason,
                                                        "path": str(target)}))
-    log.warning("quarantined %s: %s (%s)", path.name, reason, code)
+    # File names can carry patient names (exports named "DOE_JOHN.dcm"): log the quarantine id.
+    log.warning("quarantined file %s: %s (%s)", target.name.split("-", 1)[0], reason, code)
     return row

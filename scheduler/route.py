@@ -60,7 +60,7 @@ def load_rules(path: Path | None = None) -> list[Rule]:
                 priority=Priority(raw.get("priority", "routine")),
             ))
         return rules
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ConfigurationError(f"invalid routing rules {path}: {exc}") from exc
 
 

@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from db.migrate import upgrade
 from db.models import Event, Instance, QuarantinedFile, Series, Study, StudyStatus
@@ -162,7 +163,7 @@ def test_source_is_kept_when_the_registration_transaction_fails(tmp_path: Path) 
     source = copy_testdata("MR_small.dcm", tmp_path / "in" / "mr.dcm")
     data = source.read_bytes()
 
-    with pytest.raises(Exception, match="no such table"):
+    with pytest.raises(OperationalError, match="no such table"):
         register_file(settings, source, move=True)
 
     assert source.read_bytes() == data
@@ -203,9 +204,10 @@ PYDICOM_FILES: dict[str, str | None] = {
     "bad_sequence.dcm": "invalid StudyInstanceUID",
     # pydicom-data's cut JPEG 2000 file is a stripped data set without any study UID.
     "emri_small_jpeg_2k_lossless_too_short.dcm": "missing StudyInstanceUID",
-    # Fragments made for pydicom's parser tests, not instances: no UIDs to register under.
+    # Fragments made for pydicom's parser tests, not instances: no UIDs to register under...
     "no_meta_group_length.dcm": "missing StudyInstanceUID",
     "priv_SQ.dcm": "missing StudyInstanceUID",
+    # ...or Pixel Data without Bits Allocated, so its size cannot be checked.
     "nested_priv_SQ.dcm": "malformed DICOM element",
     "UN_sequence.dcm": "missing StudyInstanceUID",
     "empty_charset_LEI.dcm": "missing StudyInstanceUID",
@@ -214,7 +216,8 @@ PYDICOM_FILES: dict[str, str | None] = {
     "SC_ybr_full_422_uncompressed.dcm": None,
     # An SR with empty IS/DS values: no pixels, all UIDs valid.
     "reportsi_with_empty_number_tags.dcm": None,
-    # Decodes only with a 12-bit JPEG codec; registration does not decode, so it is accepted.
+    # Complete and well-formed; its 12-bit JPEG stream is one libjpeg refuses, but registration
+    # does not decode (the worker does, and reports PixelDecodeError), so it is accepted.
     "JPEG-lossy.dcm": None,
 }
 
@@ -504,11 +507,10 @@ def test_watch_ingests_dropped_files_and_empties_inbox(tmp_path: Path) -> None:
         target=lambda: outcome.setdefault("counts", watch(settings, inbox, stop)), daemon=True)
     thread.start()
     try:
-        # Written elsewhere and renamed in (how a careful sender drops files)...
-        study = write_study(staging, np.random.default_rng(3), label=0, images=2)
-        (inbox / "nested" / "deeper").mkdir(parents=True)
-        for i, path in enumerate(study.paths):
-            os.replace(path, inbox / "nested" / "deeper" / f"{i}.dcm")
+        # A folder written elsewhere and renamed in whole (how a careful sender drops files)...
+        study = write_study(staging / "batch" / "deeper", np.random.default_rng(3), label=0,
+                            images=2)
+        os.replace(staging / "batch", inbox / "batch")
         expected.update(study.sop_instance_uids)
         # ...written in place under a .part name, then renamed...
         late = fresh("JPEG2000.dcm")
@@ -536,3 +538,17 @@ def test_watch_ingests_dropped_files_and_empties_inbox(tmp_path: Path) -> None:
     assert row.original_name == "junk.bin"
     assert Path(row.quarantine_path).read_bytes() == b"junk" * 10
     assert outcome["counts"] == {"registered": len(expected), "quarantined": 1}
+
+
+def test_fifo_in_ingest_folder_is_recorded_not_read(tmp_path: Path) -> None:
+    """A named pipe among good files: recorded as quarantined (never opened), the rest goes on."""
+    settings = Settings(data_dir=tmp_path / "data")
+    upgrade(settings.sqlalchemy_url)
+    folder = tmp_path / "in"
+    study = write_study(folder, np.random.default_rng(0), label=0)
+    os.mkfifo(folder / "pipe.dcm")
+    counts = ingest_paths(settings, [folder], move=False)
+    assert counts["registered"] == len(study.paths) and counts["quarantined"] == 1
+    with session_scope(settings.sqlalchemy_url) as session:
+        [row] = session.scalars(select(QuarantinedFile)).all()
+        assert row.original_name == "pipe.dcm" and row.reason == "not a regular file"

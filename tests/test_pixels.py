@@ -3,6 +3,7 @@ MONOCHROME1) and lightbox.preprocess (resize, padding, normalisation)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_compressed_files_decode(name: str, reference: str | None) -> None:
 # --- undecodable pixels --------------------------------------------------------------------------
 
 
-def _broken_copy(tmp_path: Path, name: str, change) -> Path:  # type: ignore[no-untyped-def]
+def _broken_copy(tmp_path: Path, name: str, change: Callable[[Dataset], None]) -> Path:
     ds = pydicom.dcmread(get_testdata_file(name))
     change(ds)
     path = tmp_path / f"broken-{name}"
@@ -172,7 +173,9 @@ def _wrong_geometry(ds: Dataset) -> None:
         ("CT_small.dcm", _wrong_geometry),
     ],
 )
-def test_undecodable_pixels_raise_pixel_decode_error(tmp_path: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
+def test_undecodable_pixels_raise_pixel_decode_error(
+    tmp_path: Path, name: str, change: Callable[[Dataset], None]
+) -> None:
     path = _broken_copy(tmp_path, name, change)
     with pytest.raises(PixelDecodeError):
         prepare_file(path, manifest())
