@@ -13,13 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from db.registry import register_bundle
+from db.session import session_scope
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
 from lightbox.settings import Settings
 from trainer.export import torch_scores, write_bundle
@@ -27,7 +29,8 @@ from trainer.seed_cnn import INPUT_SIZE, SeedCNN
 from trainer.synthetic_dataset import synthetic_dataset
 
 Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``; stages are "data", "train" (epochs) and "export"."""
+"""``progress(stage, done, total)``: "synthetic data" (0→1), "training" (epoch i of n), then
+"exporting ONNX" (0→1). The stage doubles as a progress-bar description."""
 
 LABEL = "pneumonia"
 VAL_FRACTION = 0.2
@@ -41,6 +44,8 @@ SYNTHETIC_NOTE = "SYNTHETIC chest radiographs, not patient data"
 
 @dataclass
 class TrainResult:
+    """What a run produced; ``model`` is the kept torch model, for parity checks by callers."""
+
     bundle_dir: Path
     version: str
     metrics: dict[str, float]
@@ -103,7 +108,7 @@ def stratified_split(
     train, val = [], []
     for value in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == value))
-        cut = int(round(len(members) * val_fraction))
+        cut = round(len(members) * val_fraction)
         val.append(members[:cut])
         train.append(members[cut:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
@@ -164,7 +169,7 @@ def fit(
         if key > best:
             best, best_metrics = key, metrics
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        progress("train", epoch, epochs)
+        progress("training", epoch, epochs)
     model.load_state_dict(best_state)
     model.eval()
     return best_metrics
@@ -175,7 +180,7 @@ def fit(
 
 def new_bundle_dir(models_dir: Path, name: str) -> tuple[str, Path]:
     """Claim ``models_dir/name/<UTC timestamp>[-N]``; mkdir is the lock, so versions are unique."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (models_dir / name).mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         version = stamp if n == 1 else f"{stamp}-{n}"
@@ -197,9 +202,6 @@ def _draft_manifest(name: str) -> Manifest:
 
 
 def _register(settings: Settings, bundle_dir: Path, promote: bool) -> int:
-    from db.registry import register_bundle
-    from db.session import session_scope
-
     with session_scope(settings.sqlalchemy_url) as session:
         return register_bundle(session, bundle_dir, promote=promote).id
 
@@ -215,17 +217,17 @@ def train_seed_cnn(
     progress = progress or _no_progress
     started = time.perf_counter()
     draft = _draft_manifest(name)
-    progress("data", 0, 1)
+    progress("synthetic data", 0, 1)
     x, y = synthetic_dataset(images, draft, seed=seed)
     train_idx, val_idx = stratified_split(y, VAL_FRACTION, np.random.default_rng(seed + 1))
-    progress("data", 1, 1)
+    progress("synthetic data", 1, 1)
     with deterministic_torch(seed) as generator:
         model = SeedCNN()
         best = fit(model, x[train_idx], y[train_idx], x[val_idx], y[val_idx], epochs=epochs,
                    batch_size=batch_size, generator=generator, progress=progress)
         threshold, sensitivity, specificity = youden_threshold(
             torch_scores(model, x[val_idx]), y[val_idx])
-        progress("export", 0, 1)
+        progress("exporting ONNX", 0, 1)
         version, bundle_dir = new_bundle_dir(settings.models_dir, name)
         manifest = draft.model_copy(update={
             "version": version,
@@ -237,14 +239,14 @@ def train_seed_cnn(
                 "train_images": len(train_idx), "validation_images": len(val_idx),
                 "seed": seed, "note": SYNTHETIC_NOTE,
             },
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         })
         try:
             manifest = write_bundle(model, manifest, bundle_dir, x[val_idx])
         except BaseException:
             shutil.rmtree(bundle_dir, ignore_errors=True)  # never leave a half-written bundle
             raise
-    progress("export", 1, 1)
+    progress("exporting ONNX", 1, 1)
     model_id = _register(settings, bundle_dir, promote) if register else None
     return TrainResult(bundle_dir=bundle_dir, version=version, metrics=dict(manifest.metrics),
                        model_id=model_id, manifest=manifest,
