@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -117,6 +118,9 @@ def watch(settings: Settings, directory: Path, stop: threading.Event,
                 except OSError as exc:  # disk full, permissions: keep the file, try again later
                     # strerror only: the path may carry a patient's name.
                     log.error("cannot ingest a file now, will retry: %s", exc.strerror or exc)
+                    continue
+                except SQLAlchemyError as exc:  # database restarting: the file stays, rescan retries
+                    log.error("database unavailable, will retry: %s", type(exc).__name__)
                     continue
                 counts[result.outcome.value] += 1
                 if on_result:

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db.models import WorkerNode
 from db.session import session_scope
@@ -34,7 +35,11 @@ def build_app(settings: Settings) -> tuple[Celery, ModelCache]:
     runtime_kind = choose_runtime(settings)
     cache = ModelCache(settings, runtime_kind)
 
-    @app.task(name=PROCESS_JOB, acks_late=True, ignore_result=False)
+    # A database that is down (restart, failover) must not cost the job: the task is retried
+    # with backoff instead of being acknowledged with its outcome unrecorded.
+    @app.task(name=PROCESS_JOB, acks_late=True, ignore_result=False,
+              autoretry_for=(OperationalError, InterfaceError), retry_backoff=True,
+              retry_backoff_max=60, max_retries=30)
     def process_job(job_id: int) -> str:
         # Returns only after the job's outcome committed; the message is acked after that.
         return run_job(settings, cache, int(job_id))
