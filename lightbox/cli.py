@@ -6,8 +6,11 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -15,6 +18,9 @@ from rich.table import Table
 
 from lightbox.output import print_rows, to_json
 from lightbox.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 # Wide enough for the findings table when output goes to a file or CI log.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -38,6 +44,21 @@ def _ensure_db(settings: Settings) -> None:
     from db.migrate import upgrade
 
     upgrade(settings.sqlalchemy_url)
+
+
+@contextmanager
+def _db_session() -> Iterator[Session]:
+    """A migrated database's session for one command; Lightbox errors become CLI errors."""
+    from db.session import session_scope
+    from lightbox.errors import LightboxError
+
+    settings = get_settings()
+    _ensure_db(settings)
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            yield session
+    except LightboxError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.group()
@@ -127,13 +148,10 @@ def results(study_uid: str | None, label: str | None, min_score: float | None,
             since: datetime | None, include_superseded: bool, fmt: str) -> None:
     """Query findings."""
     from db.queries import findings
-    from db.session import session_scope
 
-    settings = get_settings()
-    _ensure_db(settings)
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
-    with session_scope(settings.sqlalchemy_url) as session:
+    with _db_session() as session:
         rows = findings(session, study_uid=study_uid, label=label, min_score=min_score,
                         since=since, include_superseded=include_superseded)
     print_rows(console, rows, fmt)
@@ -156,13 +174,10 @@ def queue_depth(settings: Settings) -> int | None:
 def status(fmt: str) -> None:
     """Jobs by state, queue depth, workers seen, failed jobs and quarantined files."""
     from db.queries import status as query_status
-    from db.session import session_scope
 
-    settings = get_settings()
-    _ensure_db(settings)
-    with session_scope(settings.sqlalchemy_url) as session:
+    with _db_session() as session:
         report = query_status(session)
-    report["queue_depth"] = queue_depth(settings)
+    report["queue_depth"] = queue_depth(get_settings())
     if fmt == "json":
         print(to_json(report))
         return
@@ -230,11 +245,8 @@ def models(ctx: click.Context) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def models_list(fmt: str) -> None:
     from db.registry import list_models
-    from db.session import session_scope
 
-    settings = get_settings()
-    _ensure_db(settings)
-    with session_scope(settings.sqlalchemy_url) as session:
+    with _db_session() as session:
         rows = [{"name": m.name, "version": m.version, "stage": m.stage.value,
                  "auroc": round(m.manifest.get("metrics", {}).get("auroc", float("nan")), 4),
                  "bundle": m.bundle_path} for m in list_models(session)]
@@ -255,17 +267,10 @@ def models_list(fmt: str) -> None:
 def models_register(bundle: Path, promote: bool) -> None:
     """Register a bundle directory (its files are checked against the manifest's sha256)."""
     from db.registry import register_bundle
-    from db.session import session_scope
-    from lightbox.errors import ManifestError
 
-    settings = get_settings()
-    _ensure_db(settings)
-    try:
-        with session_scope(settings.sqlalchemy_url) as session:
-            model = register_bundle(session, bundle.resolve(), promote=promote)
-            console.print(f"registered {model.name} {model.version} ({model.stage.value})")
-    except ManifestError as exc:
-        raise click.ClickException(str(exc)) from exc
+    with _db_session() as session:
+        model = register_bundle(session, bundle.resolve(), promote=promote)
+        console.print(f"registered {model.name} {model.version} ({model.stage.value})")
 
 
 @models.command("show")
@@ -276,11 +281,8 @@ def models_show(name: str, version: str) -> None:
     from sqlalchemy import select
 
     from db.models import Model
-    from db.session import session_scope
 
-    settings = get_settings()
-    _ensure_db(settings)
-    with session_scope(settings.sqlalchemy_url) as session:
+    with _db_session() as session:
         model = session.scalars(
             select(Model).where(Model.name == name, Model.version == version)).first()
         if model is None:
@@ -296,11 +298,8 @@ def models_show(name: str, version: str) -> None:
 def models_promote(name: str, version: str) -> None:
     """Make VERSION the production version of NAME."""
     from db.registry import promote
-    from db.session import session_scope
 
-    settings = get_settings()
-    _ensure_db(settings)
-    with session_scope(settings.sqlalchemy_url) as session:
+    with _db_session() as session:
         promote(session, name, version)
     console.print(f"{name} {version} is now production")
 
