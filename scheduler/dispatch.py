@@ -17,7 +17,8 @@ from sqlalchemy import case, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs as job_states
-from db.models import Event, Job, JobState, Model, ModelStage, Priority, Study, StudyStatus
+from db.models import Event, Job, JobState, Priority, Study, StudyStatus
+from db.registry import production_model
 from db.session import session_scope
 from db.upsert import insert_ignore
 from lightbox.settings import Settings
@@ -35,12 +36,6 @@ class PassReport:
     jobs_created: int = 0
     jobs_sent: int = 0
     jobs_requeued: int = 0
-
-
-def _production(session: Session, name: str) -> Model | None:
-    return session.scalars(
-        select(Model).where(Model.name == name, Model.stage == ModelStage.production)
-    ).first()
 
 
 def _ready(session: Session, quiet_seconds: float) -> list[Study]:
@@ -63,7 +58,7 @@ def dispatch_ready(settings: Settings, rules: list[Rule], report: PassReport) ->
         now = datetime.now(timezone.utc)
         for study in _ready(session, settings.quiet_seconds):
             routes = route_study(rules, [s.tags or {} for s in study.series])
-            models = [(r, _production(session, r.model)) for r in routes]
+            models = [(r, production_model(session, r.model)) for r in routes]
             missing = [r.model for r, m in models if m is None]
             study.routed_at = now
             if not routes or missing:
