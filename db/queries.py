@@ -83,17 +83,17 @@ def status(session: Session) -> dict[str, Any]:
 def studies_pending(session: Session, study_uids: list[str]) -> int:
     """How many of ``study_uids`` are not finished: not yet registered, still receiving, or with a
     job that is not terminal. Unrouted studies count as finished (they were decided)."""
+    open_states = [JobState.queued, JobState.running, JobState.failed]
+    open_jobs = (select(Job.study_id).where(Job.state.in_(open_states))
+                 .group_by(Job.study_id).subquery())
     rows = session.execute(
-        select(Study.study_instance_uid, Study.status, Study.id).where(
-            Study.study_instance_uid.in_(study_uids))
+        select(Study.study_instance_uid, Study.status, open_jobs.c.study_id)
+        .outerjoin(open_jobs, open_jobs.c.study_id == Study.id)
+        .where(Study.study_instance_uid.in_(study_uids))
     ).all()
     pending = len(set(study_uids) - {r[0] for r in rows})
-    open_states = [JobState.queued, JobState.running, JobState.failed]
-    for _uid, status_, study_id in rows:
-        if status_ == StudyStatus.receiving:
-            pending += 1
-        elif status_ == StudyStatus.dispatched and session.scalar(
-            select(func.count()).select_from(Job).where(Job.study_id == study_id,
-                                                        Job.state.in_(open_states))):
+    for _uid, status_, open_study in rows:
+        if status_ == StudyStatus.receiving or (
+                status_ == StudyStatus.dispatched and open_study is not None):
             pending += 1
     return pending

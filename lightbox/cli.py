@@ -159,12 +159,11 @@ def results(study_uid: str | None, label: str | None, min_score: float | None,
 
 def queue_depth(settings: Settings) -> int | None:
     from lightbox.redis_server import broker_url, redis_client
-    from lightbox.tasks import PRIORITY_STEPS, QUEUE
+    from lightbox.tasks import queue_keys
 
     try:
         client = redis_client(broker_url(settings, start=False))
-        keys = [QUEUE if p == 0 else f"{QUEUE}:{p}" for p in PRIORITY_STEPS]
-        return int(sum(client.llen(k) for k in keys))
+        return int(sum(client.llen(k) for k in queue_keys()))
     except Exception:  # noqa: BLE001 - Redis down is a status to report, not a crash
         return None
 

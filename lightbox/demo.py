@@ -54,9 +54,9 @@ class Services:
 
     def start(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        log = (log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "lightbox.cli", *args], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with (log_dir / f"{name}.log").open("ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen([sys.executable, "-m", "lightbox.cli", *args], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append((name, proc))
 
     def check_alive(self) -> str | None:

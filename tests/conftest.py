@@ -41,9 +41,10 @@ class Backend:
 
     def spawn(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
         """Start a real `lightbox` process against this backend."""
-        handle = log.open("ab")
-        return subprocess.Popen([sys.executable, "-m", "lightbox.cli", *args], env=self.env,
-                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        with log.open("ab") as handle:  # the child keeps its own copy
+            return subprocess.Popen([sys.executable, "-m", "lightbox.cli", *args],
+                                    env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
 
 def _env(settings: Settings) -> dict[str, str]:
