@@ -17,15 +17,18 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "heads") -> None:
+    """Migrate to every head: independent features may add migrations branching from one base."""
     command.upgrade(alembic_config(url), revision)
 
 
 def current_revision(url: str) -> str | None:
+    """The applied revisions, comma separated (several when branches are applied)."""
     from alembic.runtime.migration import MigrationContext
 
     from db.session import sessionmaker_for
 
     engine = sessionmaker_for(url).kw["bind"]
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        heads = MigrationContext.configure(conn).get_current_heads()
+        return ",".join(sorted(heads)) or None

@@ -313,5 +313,13 @@ def demo(studies: int, timeout: float) -> None:
     sys.exit(run_demo(get_settings(), console, studies=studies, timeout=timeout))
 
 
+# Command groups that live in their own modules (one module per area, under lightbox/commands/).
+# Each area registers itself on its own line below.
+# -- trainer (compile, models retire) --
+# -- worker speed --
+# -- PACS (scp, stow, pull, export) --
+# -- reliability (jobs, retention) --
+
+
 if __name__ == "__main__":
     main()

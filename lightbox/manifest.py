@@ -49,6 +49,9 @@ class Manifest(BaseModel):
     architecture: str
     input: InputSpec
     output_name: str = "scores"
+    # Name of a second output holding class-activation maps, shaped (N, labels, h, w), for
+    # networks with a global-pooling head; workers save them as heatmaps (lightbox.heatmaps).
+    cam_output: str | None = None
     # Scores are probabilities already (sigmoid/softmax inside the graph).
     preprocessing: PreprocessSpec
     labels: list[str]

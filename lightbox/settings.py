@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     onnx_threads: int = Field(default=0, description="ONNX Runtime intra-op threads (0 = cores).")
     log_level: str = Field(default="INFO")
 
+    # -- trainer --
+
+    # -- worker speed (batching, decode pool, TensorRT) --
+
+    # -- PACS (SCP, STOW-RS, pull, export) --
+
+    # -- reliability (reconciliation, retention, priorities) --
+
     @property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()
@@ -60,6 +68,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_path / "models"
+
+    @property
+    def heatmaps_dir(self) -> Path:
+        return self.data_path / "heatmaps"
 
     @property
     def redis_dir(self) -> Path:

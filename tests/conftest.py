@@ -9,6 +9,7 @@ servers; .ci/run starts them). URLs of the external servers can be overridden wi
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -87,6 +88,20 @@ def sqlite_backend(tmp_path: Path) -> Iterator[Backend]:
     stop_embedded_redis(settings)
 
 
+def _lease_redis_db() -> int:
+    """A Redis database index no other concurrently running test session is using.
+
+    Leases are keys in database 0 that expire, so a crashed session frees its index."""
+    lease = redis.Redis.from_url(f"{EXTERNAL_REDIS}/0")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for index in random.sample(range(1, 16), 15):
+            if lease.set(f"lightbox-test-lease:{index}", os.getpid(), nx=True, ex=1800):
+                return index
+        time.sleep(0.5)
+    raise RuntimeError("no free Redis database index for the test (all 15 leased)")
+
+
 @pytest.fixture
 def postgres_backend(tmp_path: Path) -> Iterator[Backend]:
     name = f"lightbox_test_{uuid.uuid4().hex[:10]}"
@@ -94,7 +109,7 @@ def postgres_backend(tmp_path: Path) -> Iterator[Backend]:
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     db_url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    redis_db = 1 + uuid.uuid4().int % 15
+    redis_db = _lease_redis_db()
     redis_url = f"{EXTERNAL_REDIS}/{redis_db}"
     redis.Redis.from_url(redis_url).flushdb()
     settings = Settings(data_dir=tmp_path / "data", quiet_seconds=1.0, database_url=db_url,
@@ -108,6 +123,7 @@ def postgres_backend(tmp_path: Path) -> Iterator[Backend]:
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+    redis.Redis.from_url(f"{EXTERNAL_REDIS}/0").delete(f"lightbox-test-lease:{redis_db}")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
