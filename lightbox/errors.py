@@ -8,6 +8,7 @@
     ├── ManifestError             a model bundle that is incomplete or altered
     ├── ModelNotFoundError        no such model / no production version
     ├── RuntimeUnavailableError   the chosen model runtime cannot run on this node
+    │   └── TensorRTUnavailable   TensorRT or a CUDA device is missing (the reason says which)
     └── JobStateError             a job transition that is not allowed
 """
 
@@ -46,6 +47,10 @@ class ModelNotFoundError(LightboxError):
 
 class RuntimeUnavailableError(LightboxError):
     code = "runtime_unavailable"
+
+
+class TensorRTUnavailable(RuntimeUnavailableError):
+    code = "tensorrt_unavailable"
 
 
 class JobStateError(LightboxError):
