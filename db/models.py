@@ -182,6 +182,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     not_before: Mapped[datetime | None] = mapped_column(default=None)
+    # A routine job that waited past LIGHTBOX_STAT_AGING_SECONDS was sent again at STAT priority.
+    escalated_at: Mapped[datetime | None] = mapped_column(default=None)
     worker: Mapped[str | None] = mapped_column(String(255))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
@@ -254,3 +256,43 @@ class WorkerNode(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ExportState(str, enum.Enum):
+    pending = "pending"  # waiting for its not_before, then sent by the outbox pass
+    sent = "sent"
+    dead = "dead"  # permanent failure, or transient failures until the attempt limit
+
+
+class Export(Base):
+    """Export outbox: one DICOM result object (SR or heatmap SC) for one destination.
+
+    Rows are written when a succeeded job's objects are built; the sender retries transient
+    failures by moving ``not_before`` (no sleeping loops) and marks permanent ones dead."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # "sr" or "sc"
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # of the object sent
+    # The source image of a heatmap SC; "" for the study-level SR.
+    source_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    path: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[ExportState] = mapped_column(
+        _enum(ExportState, "export_state"), default=ExportState.pending
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", "kind", "source_sop_instance_uid",
+                         name="uq_exports_job_dest_kind_src"),
+        Index("ix_exports_job_id", "job_id"),
+        Index("ix_exports_state_not_before", "state", "not_before"),
+    )

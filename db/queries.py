@@ -41,7 +41,8 @@ def findings(session: Session, *, study_uid: str | None = None, label: str | Non
     return [dict(zip(keys, row, strict=True)) for row in session.execute(query)]
 
 
-def status(session: Session) -> dict[str, Any]:
+def status(session: Session, limit: int | None = 50) -> dict[str, Any]:
+    """Counts, plus the newest ``limit`` failed/dead jobs and quarantined files (None: all)."""
     jobs = {s.value: 0 for s in JobState}
     for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
         jobs[state.value] = count
@@ -53,12 +54,12 @@ def status(session: Session) -> dict[str, Any]:
                Job.error_code, Job.error_detail)
         .join(Study, Job.study_id == Study.id).join(Model, Job.model_id == Model.id)
         .where(Job.state.in_([JobState.failed, JobState.dead]))
-        .order_by(Job.id.desc()).limit(50)
+        .order_by(Job.id.desc()).limit(limit)
     )
     quarantined = session.execute(
         select(QuarantinedFile.original_name, QuarantinedFile.reason_code, QuarantinedFile.reason,
                QuarantinedFile.quarantine_path, QuarantinedFile.at)
-        .order_by(QuarantinedFile.id.desc()).limit(50)
+        .order_by(QuarantinedFile.id.desc()).limit(limit)
     )
     workers = session.execute(
         select(WorkerNode.hostname, WorkerNode.runtime, WorkerNode.last_seen_at)
@@ -77,6 +78,28 @@ def status(session: Session) -> dict[str, Any]:
             for r in quarantined
         ],
         "workers": [{"hostname": r[0], "runtime": r[1], "last_seen_at": r[2]} for r in workers],
+        **export_status(session),
+    }
+
+
+def export_status(session: Session) -> dict[str, Any]:
+    """The export outbox (PACS results): rows by state and the latest dead ones."""
+    from db.models import Export, ExportState
+
+    exports = {s.value: 0 for s in ExportState}
+    for state, count in session.execute(select(Export.state, func.count())
+                                        .where(Export.kind != "none").group_by(Export.state)):
+        exports[state.value] = count
+    dead = session.execute(
+        select(Export.id, Export.job_id, Export.destination, Export.kind, Export.attempts,
+               Export.error_code, Export.error_detail)
+        .where(Export.state == ExportState.dead).order_by(Export.id.desc()).limit(50))
+    return {
+        "exports": exports,
+        "dead_exports": [
+            {"export_id": r[0], "job_id": r[1], "destination": r[2], "kind": r[3],
+             "attempts": r[4], "error_code": r[5], "error_detail": r[6]} for r in dead
+        ],
     }
 
 

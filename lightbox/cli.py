@@ -128,7 +128,7 @@ def scheduler() -> None:
 
 @main.command()
 def worker() -> None:
-    """Run an inference worker (Celery, solo pool)."""
+    """Run an inference worker (Celery threads pool; batches images across jobs)."""
     from worker.tasks import run_worker
 
     settings = get_settings()
@@ -170,12 +170,17 @@ def queue_depth(settings: Settings) -> int | None:
 
 @main.command()
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def status(fmt: str) -> None:
-    """Jobs by state, queue depth, workers seen, failed jobs and quarantined files."""
+@click.option("--limit", default=50, show_default=True,
+              help="Newest failed/dead jobs and quarantined files to list (0 = all).")
+def status(fmt: str, limit: int) -> None:
+    """Jobs by state, queue depth, workers seen, failed and dead jobs with their reasons, and
+    quarantined files with theirs."""
+    from rich.markup import escape
+
     from db.queries import status as query_status
 
     with _db_session() as session:
-        report = query_status(session)
+        report = query_status(session, limit=limit or None)
     report["queue_depth"] = queue_depth(get_settings())
     if fmt == "json":
         print(to_json(report))
@@ -193,114 +198,19 @@ def status(fmt: str) -> None:
     for job in report["problem_jobs"]:
         console.print(f"[red]job {job['job_id']} {job['state']}[/red] {job['model']} "
                       f"study …{job['study_instance_uid'][-16:]}: {job['error_code']}: "
-                      f"{job['error_detail']}")
+                      f"{escape(job['error_detail'] or '')}", highlight=False)
     for q in report["quarantined"]:
-        console.print(f"[yellow]quarantined[/yellow] {q['name']}: {q['reason']} ({q['code']})")
-
-
-@main.command()
-@click.option("--name", default="chest", show_default=True)
-@click.option("--images", default=None, type=int, help="Synthetic training images.")
-@click.option("--epochs", default=None, type=int)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--promote/--no-promote", default=True, show_default=True)
-def train(name: str, images: int | None, epochs: int | None, seed: int, promote: bool) -> None:
-    """Train the seed pneumonia CNN on SYNTHETIC radiographs, export ONNX, register a bundle."""
-    settings = get_settings()
-    _ensure_db(settings)
-    result = train_with_progress(settings, name=name, images=images, epochs=epochs, seed=seed,
-                                 promote=promote)
-    console.print(to_json({"bundle": str(result.bundle_dir), "version": result.version,
-                           "metrics": result.metrics}))
-
-
-def train_with_progress(settings: Settings, **kwargs: object):  # type: ignore[no-untyped-def]
-    try:
-        from trainer.train import train_seed_cnn
-    except ImportError as exc:
-        raise click.ClickException(
-            f"training needs the 'train' extra (pip install -e '.[train]'): {exc}") from exc
-    from rich.progress import Progress
-
-    options = {k: v for k, v in kwargs.items() if v is not None}
-    with Progress(console=console) as progress:
-        task = progress.add_task("training", total=None)
-
-        def report(stage: str, done: int, total: int) -> None:
-            progress.update(task, description=stage, completed=done, total=total)
-
-        return train_seed_cnn(settings, progress=report, **options)
-
-
-@main.group(invoke_without_command=True)
-@click.pass_context
-def models(ctx: click.Context) -> None:
-    """Registered model bundles (list by default)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(models_list)
-
-
-@models.command("list")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def models_list(fmt: str) -> None:
-    from db.registry import list_models
-
-    with _db_session() as session:
-        rows = [{"name": m.name, "version": m.version, "stage": m.stage.value,
-                 "auroc": round(m.manifest.get("metrics", {}).get("auroc", float("nan")), 4),
-                 "bundle": m.bundle_path} for m in list_models(session)]
-    if fmt == "json":
-        print(to_json(rows))
-        return
-    table = Table(title="Models")
-    for column in ("name", "version", "stage", "auroc", "bundle"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(str(row[c]) for c in ("name", "version", "stage", "auroc", "bundle")))
-    console.print(table)
-
-
-@models.command("register")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--promote", is_flag=True, help="Make it the production version at once.")
-def models_register(bundle: Path, promote: bool) -> None:
-    """Register a bundle directory (its files are checked against the manifest's sha256)."""
-    from db.registry import register_bundle
-
-    with _db_session() as session:
-        model = register_bundle(session, bundle.resolve(), promote=promote)
-        console.print(f"registered {model.name} {model.version} ({model.stage.value})")
-
-
-@models.command("show")
-@click.argument("name")
-@click.argument("version")
-def models_show(name: str, version: str) -> None:
-    """Print a registered version's manifest."""
-    from sqlalchemy import select
-
-    from db.models import Model
-
-    with _db_session() as session:
-        model = session.scalars(
-            select(Model).where(Model.name == name, Model.version == version)).first()
-        if model is None:
-            raise click.ClickException(f"no model {name} {version}")
-        print(to_json({"name": model.name, "version": model.version,
-                       "stage": model.stage.value, "bundle": model.bundle_path,
-                       "manifest": model.manifest}))
-
-
-@models.command("promote")
-@click.argument("name")
-@click.argument("version")
-def models_promote(name: str, version: str) -> None:
-    """Make VERSION the production version of NAME."""
-    from db.registry import promote
-
-    with _db_session() as session:
-        promote(session, name, version)
-    console.print(f"{name} {version} is now production")
+        console.print(f"[yellow]quarantined[/yellow] {escape(repr(q['name']))}: "
+                      f"{escape(q['reason'])} ({q['code']})", highlight=False)
+    shown, total = len(report["quarantined"]), report["quarantined_total"]
+    if total > shown:
+        console.print(f"… {total - shown} more quarantined file(s): --limit 0 lists all")
+    exports = report.get("exports", {})
+    console.print("exports: " + "  ".join(f"{k} {v}" for k, v in exports.items()))
+    for e in report.get("dead_exports", []):
+        console.print(f"[red]export {e['export_id']} dead[/red] job {e['job_id']} {e['kind']} "
+                      f"to {e['destination']} after {e['attempts']} attempt(s): "
+                      f"{e['error_code']}: {e['error_detail']}")
 
 
 @main.command()
@@ -316,9 +226,23 @@ def demo(studies: int, timeout: float) -> None:
 # Command groups that live in their own modules (one module per area, under lightbox/commands/).
 # Each area registers itself on its own line below.
 # -- trainer (compile, models retire) --
+from lightbox.commands.train import compile_command, models, train  # noqa: E402
+
+main.add_command(train)
+main.add_command(models)
+main.add_command(compile_command)
 # -- worker speed --
 # -- PACS (scp, stow, pull, export) --
+from lightbox.commands import pacs as _pacs  # noqa: E402
+
+main.add_command(_pacs.scp)
+main.add_command(_pacs.api)
+main.add_command(_pacs.pull)
+main.add_command(_pacs.export)
 # -- reliability (jobs, retention) --
+from lightbox.commands.jobs import jobs as _jobs  # noqa: E402
+
+main.add_command(_jobs)
 
 
 if __name__ == "__main__":

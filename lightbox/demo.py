@@ -126,7 +126,7 @@ def _ensure_model(settings: Settings, console: Console) -> None:
         console.print(f"model chest {model.version} is in production")
         return
     console.print("no production chest model: training the seed CNN on SYNTHETIC radiographs")
-    from lightbox.cli import train_with_progress
+    from lightbox.commands.train import train_with_progress
 
     result = train_with_progress(settings, name="chest")
     console.print(f"trained chest {result.version}: validation AUROC "

@@ -61,6 +61,23 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     training_data: dict[str, object] = Field(default_factory=dict)
     created_at: str | None = None
+    # Added by the trainer (issue 3); all optional so that older manifests still load.
+    threshold_policy: str | None = Field(
+        default=None, description='How thresholds were chosen on validation: "youden" or '
+        '"sensitivity:0.90" (the lowest threshold reaching that sensitivity).')
+    confusion: dict[str, list[list[int]]] = Field(
+        default_factory=dict, description="label -> [[TN, FP], [FN, TP]] at its threshold "
+        "(validation); multiclass adds '__classes__': rows true class, columns argmax class.")
+    parity: dict[str, float] = Field(
+        default_factory=dict, description="ONNX Runtime vs torch on validation images: "
+        "max_abs_diff, bound, images (and cam_max_abs_diff for CAM networks).")
+    variants: dict[str, dict[str, object]] = Field(
+        default_factory=dict, description="Extra runnable forms of the model, e.g. 'onnx_int8': "
+        "file, method and its accuracy change against FP32 on validation images.")
+    engines: dict[str, dict[str, object]] = Field(
+        default_factory=dict, description="TensorRT engine file -> precision, gpu_name, "
+        "compute_capability, tensorrt_version, max_batch (built by `lightbox compile`).")
+    plots: list[str] = Field(default_factory=list, description="PNG files in the bundle.")
 
     def threshold_for(self, label: str) -> float:
         return self.thresholds.get(label, 0.5)
@@ -84,6 +101,15 @@ def write_bundle_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
     manifest = manifest.model_copy(update={"files": files})
     (bundle_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     return manifest
+
+
+def update_bundle_manifest(bundle_dir: Path, **changes: object) -> Manifest:
+    """Verify a bundle, apply ``changes`` to its manifest and rehash every file.
+
+    Used when files are added to a finished bundle (INT8 model, engines): files already listed
+    must still match, so an altered bundle cannot be laundered by rehashing it."""
+    manifest = load_manifest(bundle_dir, verify=True)
+    return write_bundle_manifest(bundle_dir, manifest.model_copy(update=changes))
 
 
 def load_manifest(bundle_dir: Path, verify: bool = True) -> Manifest:

@@ -11,10 +11,17 @@ from sqlalchemy import select
 
 from db.migrate import upgrade
 from db.models import Event, Model, ModelStage
-from db.registry import list_models, production_model, promote, register_bundle
+from db.registry import list_models, production_model, promote, register_bundle, retire
 from db.session import session_scope
 from lightbox.errors import ManifestError, ModelNotFoundError
-from lightbox.manifest import InputSpec, Manifest, PreprocessSpec, write_bundle_manifest
+from lightbox.manifest import (
+    InputSpec,
+    Manifest,
+    PreprocessSpec,
+    sha256_file,
+    update_bundle_manifest,
+    write_bundle_manifest,
+)
 
 
 @pytest.fixture
@@ -116,3 +123,75 @@ def test_altered_bundle_is_not_registered(url: str, tmp_path: Path) -> None:
 def test_promote_unknown_version(url: str) -> None:
     with pytest.raises(ModelNotFoundError), session_scope(url) as session:
         promote(session, "chest", "nope")
+
+
+def test_retire(url: str, tmp_path: Path) -> None:
+    with session_scope(url) as session:
+        register_bundle(session, tiny_bundle(tmp_path, "chest", "v1"), promote=True)
+    with session_scope(url) as session:
+        retire(session, "chest", "v1")
+    with session_scope(url) as session:
+        assert production_model(session, "chest") is None  # new studies: unrouted, with reason
+        kinds = [e.kind for e in session.scalars(select(Event).order_by(Event.id))]
+        assert kinds[-1] == "model_retired"
+    assert stages(url) == {"v1": ModelStage.retired}
+    with pytest.raises(ModelNotFoundError), session_scope(url) as session:
+        retire(session, "chest", "v9")
+
+
+def test_added_files_update_a_registered_bundle_but_changed_files_do_not(
+    url: str, tmp_path: Path
+) -> None:
+    bundle = tiny_bundle(tmp_path, "chest", "v1")
+    with session_scope(url) as session:
+        register_bundle(session, bundle)
+    (bundle / "model.int8.onnx").write_bytes((bundle / "model.onnx").read_bytes())
+    update_bundle_manifest(bundle, variants={"onnx_int8": {"file": "model.int8.onnx"}})
+    with session_scope(url) as session:
+        row = register_bundle(session, bundle)
+        assert set(row.manifest["files"]) == {"model.onnx", "model.int8.onnx"}
+        assert row.manifest["variants"]["onnx_int8"]["file"] == "model.int8.onnx"
+        assert session.scalars(select(Event).order_by(Event.id.desc())).first().kind == (
+            "model_updated")
+    # A rebuilt compiled form (compile run again) replaces the old one.
+    (bundle / "model.int8.onnx").write_bytes(b"rebuilt")
+    write_bundle_manifest(bundle, Manifest.model_validate_json(
+        (bundle / "manifest.json").read_text()))
+    with session_scope(url) as session:
+        assert register_bundle(session, bundle).manifest["files"]["model.int8.onnx"] == (
+            sha256_file(bundle / "model.int8.onnx"))
+    # Rewriting the manifest over a changed model is not an update: refused.
+    (bundle / "model.onnx").write_bytes((bundle / "model.onnx").read_bytes() + b"\0")
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    write_bundle_manifest(bundle, manifest)
+    with pytest.raises(ManifestError, match="different files"), session_scope(url) as session:
+        register_bundle(session, bundle)
+
+
+def test_update_refuses_an_altered_bundle(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path, "chest", "v1")
+    (bundle / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ManifestError, match="sha256"):
+        update_bundle_manifest(bundle, variants={})
+
+
+def test_models_retire_cli(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    bundle = tiny_bundle(tmp_path / "bundles", "chest", "v1")
+    env = {**os.environ, "LIGHTBOX_DATA_DIR": str(data)}
+    env.pop("LIGHTBOX_DATABASE_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lightbox.cli", "models", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("register", str(bundle), "--promote").returncode == 0
+    assert cli("retire", "chest", "v1").returncode == 0
+    listed = cli("list", "--format", "json")
+    assert '"stage": "retired"' in listed.stdout
+    missing = cli("retire", "chest", "v2")
+    assert missing.returncode == 1 and "no registered model chest v2" in missing.stderr

@@ -39,8 +39,16 @@ def trained(settings: Settings) -> TrainResult:
 
 def test_bundle_is_complete_and_verifies(trained: TrainResult, settings: Settings) -> None:
     assert trained.bundle_dir == settings.models_dir / "chest" / trained.version
-    assert sorted(p.name for p in trained.bundle_dir.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in trained.bundle_dir.iterdir()) == [
+        "learning_curves.png", "manifest.json", "model.onnx", "roc.png"]
     manifest = load_manifest(trained.bundle_dir, verify=True)
+    assert set(manifest.files) == {"learning_curves.png", "model.onnx", "roc.png"}
+    assert manifest.plots == ["roc.png", "learning_curves.png"]
+    assert manifest.cam_output is None  # the seed CNN has no global-pooling head
+    assert manifest.threshold_policy == "youden"
+    (tn, fp), (fn, tp) = manifest.confusion["pneumonia"]
+    assert tn + fp + fn + tp == manifest.training_data["validation_images"]
+    assert manifest.parity["max_abs_diff"] <= manifest.parity["bound"]
     assert manifest.version == trained.version
     assert (manifest.name, manifest.task, manifest.architecture) == ("chest", "binary", "seed_cnn")
     assert (manifest.input.height, manifest.input.width, manifest.input.name) == (64, 64, "image")
@@ -148,3 +156,15 @@ def test_split_is_stratified() -> None:
     train, val = stratified_split(labels, 0.2, np.random.default_rng(0))
     assert len(val) == 20 and labels[val].sum() == 10
     assert not set(train) & set(val) and len(train) + len(val) == 100
+
+
+def test_parity_over_the_bound_fails_the_build(settings: Settings,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.export
+
+    monkeypatch.setattr(trainer.export, "PARITY_TOLERANCE", -1.0)  # any difference is too much
+    before = set((settings.models_dir / "parity").glob("*")) if (
+        settings.models_dir / "parity").exists() else set()
+    with pytest.raises(ManifestError, match="differs from torch"):
+        train_seed_cnn(settings, name="parity", images=40, epochs=1, register=False)
+    assert set((settings.models_dir / "parity").glob("*")) == before  # no half-written bundle

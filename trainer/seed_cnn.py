@@ -10,21 +10,22 @@ HIDDEN = 128
 
 
 class SeedCNN(nn.Sequential):
-    """Conv(1→32, 3×3) → ReLU → MaxPool 2×2 → Linear(→128) → ReLU → Linear(→1) → Sigmoid.
+    """Conv(1→32, 3×3) → ReLU → MaxPool 2×2 → Linear(→128) → ReLU → Linear(→outputs).
 
-    The sigmoid is inside the graph because manifests promise probabilities, not logits.
-    Input (N, 1, 64, 64) float32; output (N, 1) probabilities.
+    Returns logits; :class:`trainer.architectures.Scorer` adds the sigmoid/softmax so the
+    exported graph outputs probabilities, as manifests promise. Its dense head sees positions,
+    so it has no class-activation map (the MONAI networks have one).
+    Input (N, 1, size, size) float32; output (N, outputs).
     """
 
-    def __init__(self) -> None:
-        pooled = (INPUT_SIZE - 2) // 2  # 3×3 valid conv, then 2×2 pool: 64 → 62 → 31
+    def __init__(self, outputs: int = 1, size: int = INPUT_SIZE, channels: int = 1) -> None:
+        pooled = (size - 2) // 2  # 3×3 valid conv, then 2×2 pool: 64 → 62 → 31
         super().__init__(
-            nn.Conv2d(1, CONV_CHANNELS, kernel_size=3),
+            nn.Conv2d(channels, CONV_CHANNELS, kernel_size=3),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Linear(CONV_CHANNELS * pooled * pooled, HIDDEN),
             nn.ReLU(),
-            nn.Linear(HIDDEN, 1),
-            nn.Sigmoid(),
+            nn.Linear(HIDDEN, outputs),
         )

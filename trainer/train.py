@@ -1,50 +1,89 @@
-"""Train the seed pneumonia CNN on SYNTHETIC radiographs, export it and register it.
+"""Train a model on labelled DICOM (or SYNTHETIC) images into a verified, versioned bundle.
 
-Everything is seeded (data, split, initialisation, batch order) and torch runs deterministic
-algorithms on 2 threads, so the same seed gives the same weights, metrics and ``model.onnx``.
-The checkpoint kept is the epoch with the best validation AUROC; the decision threshold is
-Youden's J on the validation set (a score ``>=`` the threshold is positive).
+The path: load (decode with the worker's preprocessing, cached) → split by patient →
+fit (validation every epoch, early stopping, best epoch kept, resumable) → choose thresholds
+on validation → ROC and learning-curve PNGs → ONNX export with a parity check → manifest with
+every file's sha256 → register (and promote).
+
+Everything is seeded (split, initialisation, batch order) and torch runs deterministic
+algorithms on 2 threads, so the same seed and data give the same weights, metrics and
+``model.onnx``.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
 from lightbox.settings import Settings
+from trainer.architectures import Scorer, build_network, has_cam
+from trainer.datasets import LabelledSet, load_source, open_source
 from trainer.export import torch_scores, write_bundle
-from trainer.seed_cnn import INPUT_SIZE, SeedCNN
-from trainer.synthetic_dataset import synthetic_dataset
+from trainer.loop import FitConfig, deterministic_torch, fit, probabilities, run_digest
+from trainer.metrics import (
+    auroc,
+    bce,
+    choose_threshold,
+    confusion,
+    mean_auroc,
+    multiclass_confusion,
+    youden_threshold,
+)
+from trainer.plots import LEARNING_PNG, ROC_PNG, learning_png, roc_png
+from trainer.seed_cnn import INPUT_SIZE
+from trainer.splits import balance_report, patient_split
+from trainer.synthetic_dataset import synthetic_set
+
+# auroc, bce, youden_threshold and torch_scores are re-exported for callers of the first trainer.
+__all__ = ["TrainConfig", "TrainResult", "auroc", "bce", "draft_manifest", "load_training_data",
+           "stratified_split", "torch_scores", "train_model", "train_seed_cnn",
+           "youden_threshold"]
 
 Progress = Callable[[str, int, int], None]
-"""``progress(stage, done, total)``: "synthetic data" (0→1), "training" (epoch i of n), then
-"exporting ONNX" (0→1). The stage doubles as a progress-bar description."""
+"""``progress(stage, done, total)``; the stage doubles as a progress-bar description."""
 
 LABEL = "pneumonia"
-VAL_FRACTION = 0.2
-LEARNING_RATE = 1e-3
-# The first Linear has ~4M weights; without clipping an early Adam step can kill every ReLU and
-# leave a constant output for the rest of the run (seen on some seeds).
-GRAD_CLIP_NORM = 1.0
-TORCH_THREADS = 2
+CAM_OUTPUT = "cam"
+PARITY_IMAGES = 64
 SYNTHETIC_NOTE = "SYNTHETIC chest radiographs, not patient data"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the model (stored in the manifest's training data summary)."""
+
+    name: str = "chest"
+    architecture: str = "seed_cnn"
+    input_size: int = INPUT_SIZE
+    epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 3
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    threshold_policy: str = "youden"
+    version: str | None = None  # default: the UTC time the bundle is written
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(epochs=self.epochs, batch_size=self.batch_size,
+                         learning_rate=self.learning_rate, patience=self.patience,
+                         seed=self.seed)
 
 
 @dataclass
 class TrainResult:
-    """What a run produced; ``model`` is the kept torch model, for parity checks by callers."""
+    """What a run produced; ``model`` is the exported :class:`Scorer` (probabilities)."""
 
     bundle_dir: Path
     version: str
@@ -53,58 +92,19 @@ class TrainResult:
     manifest: Manifest | None = None
     seconds: float = 0.0
     model: nn.Module | None = field(default=None, repr=False)
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds_per_epoch: float = 0.0
+    resumed_from_epoch: int = 0
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
-# --- metrics ---------------------------------------------------------------------------------
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve as the Mann-Whitney U statistic (ties get average ranks)."""
-    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0.5
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1
-    ranks = (first_rank + (counts - 1) / 2.0)[inverse]
-    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
-    return float(u / (positives * negatives))
-
-
-def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
-    """(threshold, sensitivity, specificity) maximising sensitivity + specificity − 1.
-
-    The threshold sits halfway between the cut score and the next lower score, so it gives the
-    same split on validation but leaves a margin for new images.
-    """
-    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0.5
-    candidates = np.unique(scores)[::-1]  # descending
-    positive = scores[None, :] >= candidates[:, None]
-    sensitivity = (positive & labels).sum(1) / max(1, labels.sum())
-    specificity = (~positive & ~labels).sum(1) / max(1, (~labels).sum())
-    best = int(np.argmax(sensitivity + specificity - 1.0))
-    lower = candidates[best + 1] if best + 1 < len(candidates) else 0.0
-    threshold = float((candidates[best] + lower) / 2.0)
-    return threshold, float(sensitivity[best]), float(specificity[best])
-
-
-def bce(scores: np.ndarray, labels: np.ndarray) -> float:
-    p = np.clip(np.asarray(scores, np.float64).ravel(), 1e-7, 1 - 1e-7)
-    y = np.asarray(labels, np.float64).ravel()
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-# --- data and determinism --------------------------------------------------------------------
-
-
 def stratified_split(
     labels: np.ndarray, val_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation indices with the same positive fraction in both."""
+    """Train/validation indices with the same positive fraction in both (images, no patients)."""
     train, val = [], []
     for value in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == value))
@@ -114,73 +114,41 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-@contextmanager
-def deterministic_torch(seed: int) -> Iterator[torch.Generator]:
-    """Seed torch, force deterministic kernels on 2 threads; restore the global state after."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(TORCH_THREADS)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(seed)
-    try:
-        yield torch.Generator().manual_seed(seed)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+def draft_manifest(config: TrainConfig, labels: list[str] | None = None,
+                   task: str = "binary") -> Manifest:
+    """The manifest before training: its input and preprocessing spec are what the data is
+    prepared with, so training and serving see the same tensors."""
+    labels = labels or [LABEL]
+    return Manifest(
+        name=config.name, version="unversioned", task=task,  # type: ignore[arg-type]
+        architecture=config.architecture,
+        input=InputSpec(height=config.input_size, width=config.input_size),
+        preprocessing=PreprocessSpec(), labels=labels, thresholds={k: 0.5 for k in labels},
+    )
 
 
-# --- training --------------------------------------------------------------------------------
+def train_cache_dir(settings: Settings) -> Path:
+    """Where prepared training images are cached (``LIGHTBOX_TRAIN_CACHE``)."""
+    return settings.train_cache or settings.data_path / "cache" / "prepared"
 
 
-def _train_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-    batch_size: int, generator: torch.Generator,
-) -> None:
-    model.train()
-    loss_fn = nn.BCELoss()
-    order = torch.randperm(len(x), generator=generator)
-    for start in range(0, len(x), batch_size):
-        batch = order[start : start + batch_size]
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[batch]).squeeze(1), y[batch])
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-        optimizer.step()
+def load_training_data(
+    settings: Settings, config: TrainConfig, *, data: Path | None = None,
+    labels_csv: Path | None = None, synthetic_images: int = 600,
+    progress: Progress | None = None,
+) -> LabelledSet:
+    """A DICOM folder (RSNA layout, labels CSV or class folders), or SYNTHETIC images."""
+    draft = draft_manifest(config)
+    if data is None:
+        return synthetic_set(synthetic_images, draft, seed=config.seed)
+    source = open_source(data, labels_csv)
+    return load_source(source, draft, train_cache_dir(settings), progress)
 
 
-def fit(
-    model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-    y_val: np.ndarray, *, epochs: int, batch_size: int, generator: torch.Generator,
-    progress: Progress,
-) -> dict[str, float]:
-    """Adam + BCE (gradient norm clipped); keeps (loads into ``model``) the epoch with the best validation AUROC,
-    ties broken by lower validation loss. Returns that epoch's validation metrics."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    best: tuple[float, float] = (-1.0, 0.0)
-    best_state: dict[str, torch.Tensor] = {}
-    best_metrics: dict[str, float] = {}
-    for epoch in range(1, epochs + 1):
-        _train_epoch(model, optimizer, xt, yt, batch_size, generator)
-        scores = torch_scores(model, x_val)
-        metrics = {"auroc": auroc(scores, y_val), "val_loss": bce(scores, y_val),
-                   "best_epoch": float(epoch)}
-        key = (metrics["auroc"], -metrics["val_loss"])
-        if key > best:
-            best, best_metrics = key, metrics
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        progress("training", epoch, epochs)
-    model.load_state_dict(best_state)
-    model.eval()
-    return best_metrics
-
-
-# --- bundle ----------------------------------------------------------------------------------
-
-
-def new_bundle_dir(models_dir: Path, name: str) -> tuple[str, Path]:
-    """Claim ``models_dir/name/<UTC timestamp>[-N]``; mkdir is the lock, so versions are unique."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+def new_bundle_dir(models_dir: Path, name: str, version: str | None = None) -> tuple[str, Path]:
+    """Claim ``models_dir/name/<version or UTC timestamp>[-N]``; mkdir is the lock, so versions
+    are unique."""
+    stamp = version or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (models_dir / name).mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         version = stamp if n == 1 else f"{stamp}-{n}"
@@ -192,62 +160,135 @@ def new_bundle_dir(models_dir: Path, name: str) -> tuple[str, Path]:
     raise FileExistsError(f"no free version for {name} at {stamp}")
 
 
-def _draft_manifest(name: str) -> Manifest:
-    """The manifest before training: its preprocessing spec is the one the data is built with."""
-    return Manifest(
-        name=name, version="unversioned", task="binary", architecture="seed_cnn",
-        input=InputSpec(height=INPUT_SIZE, width=INPUT_SIZE), preprocessing=PreprocessSpec(),
-        labels=[LABEL], thresholds={LABEL: 0.5},
-    )
-
-
 def _register(settings: Settings, bundle_dir: Path, promote: bool) -> int:
     with session_scope(settings.sqlalchemy_url) as session:
         return register_bundle(session, bundle_dir, promote=promote).id
 
 
-def train_seed_cnn(
-    settings: Settings, *, name: str = "chest", images: int = 600, epochs: int = 4,
-    batch_size: int = 32, seed: int = 0, promote: bool = True, register: bool = True,
-    progress: Progress | None = None,
+def _evaluate(scores: np.ndarray, y: np.ndarray, labels: list[str], task: str,
+              policy: str) -> tuple[dict[str, float], dict[str, float], dict[str, list]]:
+    """(metrics, thresholds, confusion matrices) on validation: one threshold per label."""
+    thresholds, metrics, matrices = {}, {}, {}
+    sens, spec = [], []
+    for column, label in enumerate(labels):
+        truth = y[:, column]
+        if truth.min() == truth.max():
+            thresholds[label] = 0.5  # nothing to choose from: one class only in validation
+            continue
+        threshold, s, p = choose_threshold(scores[:, column], truth, policy)
+        thresholds[label], matrices[label] = threshold, confusion(scores[:, column], truth,
+                                                                   threshold)
+        sens.append(s)
+        spec.append(p)
+        if len(labels) > 1:
+            metrics.update({f"auroc_{label}": auroc(scores[:, column], truth),
+                            f"sensitivity_{label}": s, f"specificity_{label}": p})
+    if sens:
+        metrics.update({"sensitivity": float(np.mean(sens)), "specificity": float(np.mean(spec))})
+    if len(labels) == 1:
+        metrics["threshold"] = thresholds[labels[0]]
+    if task == "multiclass":
+        matrices["__classes__"] = multiclass_confusion(scores, y)
+        metrics["accuracy"] = float((scores.argmax(1) == y.argmax(1)).mean())
+    return metrics, thresholds, matrices
+
+
+def train_model(
+    settings: Settings, data: LabelledSet, config: TrainConfig, *, register: bool = True,
+    promote: bool = True, resume: bool = False, checkpoint_dir: Path | None = None,
+    progress: Progress | None = None, keep_checkpoint: bool = False,
 ) -> TrainResult:
-    """Train on ``images`` SYNTHETIC radiographs, write a verified bundle under
-    ``settings.models_dir/name/<version>`` and (with ``register``) register it, promoting it to
-    production with ``promote``. The database must already be migrated."""
+    """Train ``config.architecture`` on ``data`` and write a verified bundle under
+    ``settings.models_dir/name/<version>``; register it (and promote it) when asked. The
+    database must already be migrated. With ``resume``, an interrupted run of the same
+    configuration and data continues from its last epoch checkpoint."""
     progress = progress or _no_progress
     started = time.perf_counter()
-    draft = _draft_manifest(name)
-    progress("synthetic data", 0, 1)
-    x, y = synthetic_dataset(images, draft, seed=seed)
-    train_idx, val_idx = stratified_split(y, VAL_FRACTION, np.random.default_rng(seed + 1))
-    progress("synthetic data", 1, 1)
-    with deterministic_torch(seed) as generator:
-        model = SeedCNN()
-        best = fit(model, x[train_idx], y[train_idx], x[val_idx], y[val_idx], epochs=epochs,
-                   batch_size=batch_size, generator=generator, progress=progress)
-        threshold, sensitivity, specificity = youden_threshold(
-            torch_scores(model, x[val_idx]), y[val_idx])
+    split = patient_split(data.patients, data.y, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction, seed=config.seed + 1)
+    train, val, test = (data.subset(i) for i in (split.train, split.validation, split.test))
+    draft = draft_manifest(config, data.labels, data.task)
+    checkpoint_dir = checkpoint_dir or settings.data_path / "runs" / config.name
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    digest = run_digest(config.fit_config(), config.architecture, data.task, data.x, data.y)
+    checkpoint = checkpoint_dir / f"checkpoint-{digest}.pt"
+    with deterministic_torch(config.seed) as generator:
+        network = build_network(config.architecture, len(data.labels), config.input_size,
+                                draft.input.channels)
+        fit_started = time.perf_counter()
+        fitted = fit(network, data.task, train.x, train.y, val.x, val.y, config.fit_config(),
+                     generator=generator, digest=digest, checkpoint=checkpoint, resume=resume,
+                     progress=progress)
+        epochs_run = max(1, len(fitted.history) - fitted.resumed_from_epoch)
+        seconds_per_epoch = (time.perf_counter() - fit_started) / epochs_run
+        scores = probabilities(network, data.task, val.x)
+        metrics, thresholds, matrices = _evaluate(scores, val.y, data.labels, data.task,
+                                                  config.threshold_policy)
+        metrics = {**fitted.best_metrics, **metrics, "epochs": float(config.epochs),
+                   "epochs_run": float(len(fitted.history))}
+        if len(test):
+            test_scores = probabilities(network, data.task, test.x)
+            metrics["test_auroc"] = mean_auroc(test_scores, test.y)
         progress("exporting ONNX", 0, 1)
-        version, bundle_dir = new_bundle_dir(settings.models_dir, name)
-        manifest = draft.model_copy(update={
-            "version": version,
-            "thresholds": {LABEL: threshold},
-            "metrics": {**best, "sensitivity": sensitivity, "specificity": specificity,
-                        "threshold": threshold, "epochs": float(epochs)},
-            "training_data": {
-                "source": "synthetic", "images": int(images), "positives": int(y.sum()),
-                "train_images": len(train_idx), "validation_images": len(val_idx),
-                "seed": seed, "note": SYNTHETIC_NOTE,
-            },
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+        version, bundle_dir = new_bundle_dir(settings.models_dir, config.name, config.version)
         try:
-            manifest = write_bundle(model, manifest, bundle_dir, x[val_idx])
+            title = f"{config.name} {version} ({config.architecture})"
+            roc_png(bundle_dir / ROC_PNG, scores, val.y, data.labels, thresholds,
+                    f"validation ROC, {title}")
+            learning_png(bundle_dir / LEARNING_PNG, fitted.history, title)
+            scorer = Scorer(network, data.task)
+            positives = int((data.y[:, 0] > 0.5).sum()) if data.task == "binary" else None
+            manifest = draft.model_copy(update={
+                "version": version,
+                "cam_output": CAM_OUTPUT if has_cam(network) else None,
+                "thresholds": thresholds,
+                "threshold_policy": config.threshold_policy,
+                "confusion": matrices,
+                "metrics": metrics,
+                "plots": [ROC_PNG, LEARNING_PNG],
+                "training_data": {
+                    **{k: v for k, v in data.summary.items() if k != "cache"},
+                    "source": data.summary.get("kind"), "positives": positives,
+                    "train_images": len(train), "validation_images": len(val),
+                    "test_images": len(test),
+                    "split": {"by": "patient", "stratified": True, "seed": config.seed + 1,
+                              "val_fraction": config.val_fraction,
+                              "test_fraction": config.test_fraction},
+                    "balance": balance_report(data.y, data.patients, data.labels, split),
+                    "config": asdict(config),
+                    "seconds_per_epoch": round(seconds_per_epoch, 3),
+                    **({"note": SYNTHETIC_NOTE} if data.summary.get("kind") == "synthetic"
+                       else {}),
+                },
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            })
+            manifest = write_bundle(scorer, manifest, bundle_dir, val.x[:PARITY_IMAGES])
         except BaseException:
             shutil.rmtree(bundle_dir, ignore_errors=True)  # never leave a half-written bundle
             raise
     progress("exporting ONNX", 1, 1)
+    if not keep_checkpoint:
+        checkpoint.unlink(missing_ok=True)  # the bundle is the result; resume is for crashes
     model_id = _register(settings, bundle_dir, promote) if register else None
     return TrainResult(bundle_dir=bundle_dir, version=version, metrics=dict(manifest.metrics),
                        model_id=model_id, manifest=manifest,
-                       seconds=time.perf_counter() - started, model=model)
+                       seconds=time.perf_counter() - started, model=scorer,
+                       history=fitted.history, seconds_per_epoch=seconds_per_epoch,
+                       resumed_from_epoch=fitted.resumed_from_epoch)
+
+
+def train_seed_cnn(
+    settings: Settings, *, name: str = "chest", images: int = 600, epochs: int = 4,
+    batch_size: int = 32, seed: int = 0, promote: bool = True, register: bool = True,
+    progress: Progress | None = None, architecture: str = "seed_cnn",
+) -> TrainResult:
+    """Train on ``images`` SYNTHETIC radiographs (demo and test fixtures) and write, register
+    and (with ``promote``) promote the bundle."""
+    progress = progress or _no_progress
+    config = TrainConfig(name=name, architecture=architecture, epochs=epochs,
+                         batch_size=batch_size, seed=seed, patience=0)
+    progress("synthetic data", 0, 1)
+    data = load_training_data(settings, config, synthetic_images=images)
+    progress("synthetic data", 1, 1)
+    return train_model(settings, data, config, register=register, promote=promote,
+                       progress=progress)

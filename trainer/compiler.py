@@ -1,0 +1,210 @@
+"""``lightbox compile``: faster forms of a finished bundle's ``model.onnx``.
+
+* Always: an ONNX Runtime INT8 model (static quantization, QDQ, per-channel weights) for CPU
+  nodes, calibrated on a sample of the bundle's training images and compared with FP32 on its
+  validation images; the change is recorded in ``manifest.variants["onnx_int8"]``.
+* Where TensorRT imports and a GPU is present: FP16 and INT8 engines through
+  :mod:`lightbox.trt_engine` (the worker's engine cache uses the same module), INT8 calibrated
+  on the same sample with the calibration cache kept in the bundle. Engine files are named by
+  GPU, compute capability and TensorRT version and listed in ``manifest.engines``.
+
+The training images are re-read from the source the manifest's ``training_data`` names (the
+prepared-image cache makes this cheap) and re-split with the recorded seed, so calibration
+uses training images only and evaluation validation images only. Every added file is hashed
+into the manifest (rewritten), and a registered bundle's stored manifest is refreshed.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lightbox.errors import ConfigurationError, ManifestError
+from lightbox.manifest import Manifest, load_manifest, write_bundle_manifest
+from lightbox.settings import Settings
+from trainer.datasets import LabelledSet, load_source, source_from_summary
+from trainer.export import MODEL_FILE, onnx_outputs
+from trainer.metrics import mean_auroc
+from trainer.splits import patient_split
+
+log = logging.getLogger(__name__)
+INT8_FILE = "model.int8.onnx"
+CALIBRATION_CACHE = "calibration.cache"
+ENGINE_PRECISIONS = ("fp16", "int8")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class CompileReport:
+    bundle_dir: Path
+    int8: dict[str, object]
+    tensorrt_available: bool
+    tensorrt_reason: str
+    engines: dict[str, dict[str, object]] = field(default_factory=dict)
+
+
+def training_images(settings: Settings, manifest: Manifest) -> LabelledSet:
+    """The bundle's training data, re-opened from its recorded source."""
+    summary = manifest.training_data
+    if summary.get("kind") == "synthetic":
+        from trainer.synthetic_dataset import synthetic_set
+
+        data = synthetic_set(int(summary["images"]), manifest, seed=int(summary["seed"]),
+                             opacity_scale=float(summary.get("opacity_scale", 1.0)))
+    else:
+        from trainer.train import train_cache_dir
+
+        data = load_source(source_from_summary(summary), manifest, train_cache_dir(settings))
+    if len(data) != int(summary.get("images", len(data))):
+        raise ConfigurationError(
+            f"training source now has {len(data)} images, the bundle was trained on "
+            f"{summary.get('images')}: cannot reproduce its split for calibration")
+    return data
+
+
+def calibration_and_validation(
+    settings: Settings, manifest: Manifest, calibration_images: int
+) -> tuple[np.ndarray, LabelledSet]:
+    """(a seeded sample of training images, the validation set) by the recorded split."""
+    data = training_images(settings, manifest)
+    split_spec = dict(manifest.training_data.get("split", {}))  # type: ignore[call-overload]
+    split = patient_split(data.patients, data.y, val_fraction=float(split_spec["val_fraction"]),
+                          test_fraction=float(split_spec.get("test_fraction", 0.0)),
+                          seed=int(split_spec["seed"]))
+    rng = np.random.default_rng(int(split_spec["seed"]))
+    sample = rng.permutation(split.train)[:calibration_images]
+    return data.x[np.sort(sample)], data.subset(split.validation)
+
+
+def _batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(x), size):
+        yield np.ascontiguousarray(x[start : start + size], np.float32)
+
+
+def _accuracy(scores: np.ndarray, y: np.ndarray, manifest: Manifest) -> float:
+    if manifest.task == "multiclass":
+        return float((scores.argmax(1) == y.argmax(1)).mean())
+    thresholds = np.array([manifest.threshold_for(label) for label in manifest.labels])
+    return float(((scores >= thresholds) == (y > 0.5)).mean())
+
+
+def quantize_int8(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
+                  validation: LabelledSet) -> dict[str, object]:
+    """Write ``model.int8.onnx`` and return its accuracy change against FP32."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(_batches(calibration, 8))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {manifest.input.name: batch}
+
+    with tempfile.TemporaryDirectory(prefix="lightbox-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(bundle_dir / MODEL_FILE), str(prepared), skip_symbolic_shape=True)
+        out = Path(tmp) / INT8_FILE
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        out.replace(bundle_dir / INT8_FILE)
+    fp32 = onnx_outputs(bundle_dir / MODEL_FILE, validation.x)[0]
+    int8 = onnx_outputs(bundle_dir / INT8_FILE, validation.x)[0]
+    result = {
+        "file": INT8_FILE, "runtime": "onnxruntime", "method": "static QDQ, per-channel "
+        "QInt8 weights, QUInt8 activations, MinMax calibration",
+        "calibration_images": int(len(calibration)), "validation_images": int(len(validation)),
+        "auroc_fp32": mean_auroc(fp32, validation.y), "auroc_int8": mean_auroc(int8, validation.y),
+        "accuracy_fp32": _accuracy(fp32, validation.y, manifest),
+        "accuracy_int8": _accuracy(int8, validation.y, manifest),
+        "max_abs_diff": float(np.max(np.abs(fp32 - int8))),
+    }
+    result["auroc_change"] = float(result["auroc_int8"]) - float(result["auroc_fp32"])
+    result["accuracy_change"] = float(result["accuracy_int8"]) - float(result["accuracy_fp32"])
+    return result
+
+
+def build_engines(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
+                  max_batch: int) -> dict[str, dict[str, object]]:
+    """FP16 and INT8 TensorRT engines for this node's GPU (raises TensorRTUnavailable)."""
+    from lightbox import trt_engine
+
+    identity = trt_engine.current_identity()
+    spec = manifest.input
+    engines: dict[str, dict[str, object]] = {}
+    for precision in ENGINE_PRECISIONS:
+        path = bundle_dir / trt_engine.engine_filename(precision, identity)
+        trt_engine.build_engine(
+            bundle_dir / MODEL_FILE, path, precision=precision,  # type: ignore[arg-type]
+            max_batch=max_batch, input_name=spec.name,
+            input_shape=(spec.channels, spec.height, spec.width),
+            calibration_batches=_batches(calibration, max_batch) if precision == "int8" else None,
+            calibration_cache=bundle_dir / CALIBRATION_CACHE if precision == "int8" else None,
+        )
+        engines[path.name] = {
+            "precision": precision, "gpu_name": identity.gpu_name,
+            "compute_capability": identity.compute_capability,
+            "tensorrt_version": identity.tensorrt_version, "max_batch": max_batch,
+            "min_batch": 1,
+            **({"calibration_cache": CALIBRATION_CACHE,
+                "calibration_images": int(len(calibration))} if precision == "int8" else {}),
+        }
+    return engines
+
+
+def compile_bundle(
+    settings: Settings, bundle_dir: Path, *, max_batch: int = 16, calibration_images: int = 64,
+    tensorrt: bool = True, progress: Progress | None = None,
+) -> CompileReport:
+    """Build the ONNX Runtime INT8 model, then TensorRT engines when TensorRT is usable, and
+    rewrite the manifest with the new files' hashes."""
+    from lightbox.trt_engine import tensorrt_available
+
+    progress = progress or (lambda stage, done, total: None)
+    bundle_dir = Path(bundle_dir).resolve()
+    manifest = load_manifest(bundle_dir, verify=True)
+    if manifest.input.channels < 1 or calibration_images < 1:
+        raise ManifestError("nothing to calibrate with")
+    progress("reading calibration images", 0, 1)
+    calibration, validation = calibration_and_validation(settings, manifest, calibration_images)
+    progress("ONNX Runtime INT8", 0, 1)
+    int8 = quantize_int8(bundle_dir, manifest, calibration, validation)
+    progress("ONNX Runtime INT8", 1, 1)
+    ok, reason = tensorrt_available() if tensorrt else (False, "TensorRT not requested")
+    engines: dict[str, dict[str, object]] = {}
+    if ok:
+        progress("TensorRT engines", 0, 1)
+        engines = build_engines(bundle_dir, manifest, calibration, max_batch)
+        progress("TensorRT engines", 1, 1)
+    metrics = {**manifest.metrics, "int8_auroc_change": float(int8["auroc_change"])}
+    # Verified above; since then only this function wrote files (re-running compile replaces
+    # its own outputs), so rehash everything now.
+    write_bundle_manifest(bundle_dir, manifest.model_copy(update={
+        "variants": {**manifest.variants, "onnx_int8": int8},
+        "engines": {**manifest.engines, **engines}, "metrics": metrics}))
+    _refresh_registry(settings, bundle_dir)
+    return CompileReport(bundle_dir, int8, ok, reason, engines)
+
+
+def _refresh_registry(settings: Settings, bundle_dir: Path) -> None:
+    """A registered bundle's stored manifest gains the new files (workers read the bundle's
+    own manifest; the registry copy is for `lightbox models show`)."""
+    from db.registry import find_by_bundle, register_bundle
+    from db.session import session_scope
+
+    with session_scope(settings.sqlalchemy_url) as session:
+        if find_by_bundle(session, bundle_dir) is not None:
+            register_bundle(session, bundle_dir)
