@@ -212,3 +212,54 @@ def test_stat_job_overtakes_routine_backlog(env: Backend, tmp_path: Path) -> Non
         jobs = session.scalars(select(Job).order_by(Job.started_at)).all()
     assert [j.priority.value for j in jobs] == ["stat"] + ["routine"] * 4
     assert jobs[0].id == max(j.id for j in jobs)  # created last, run first
+
+
+def test_in_flight_jobs_keep_their_heartbeat_while_batched(env: Backend, tmp_path: Path) -> None:
+    """Jobs waiting inside the batched pipeline are alive to the scheduler: one heartbeat
+    thread touches every in-flight job until its findings commit."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.decode_pool import InlineDecoder
+    from worker.pipeline import WorkerPipeline
+    from worker.runtime import load_runtime
+
+    release = threading.Event()
+
+    class HeldRuntime:
+        name = "onnxruntime"
+
+        def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+            self.inner = inner
+
+        def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            release.wait(120)
+            return self.inner.infer(batch)
+
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        _ingest(env, list(write_study(tmp_path / f"h{i}", rng, label=0).paths))
+    job_ids = _dispatch(env)
+    settings = env.settings.model_copy(update={"worker_heartbeat_seconds": 0.2})
+    cache = ModelCache(settings, "onnxruntime",
+                       lambda kind, bundle, s: HeldRuntime(load_runtime(kind, bundle, s)))
+    pipeline = WorkerPipeline(settings, cache, decoder=InlineDecoder())
+
+    def beats() -> dict[int, object]:
+        with session_scope(settings.sqlalchemy_url) as session:
+            return dict(session.execute(select(Job.id, Job.heartbeat_at)).all())
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(run_job, settings, pipeline, j) for j in job_ids]
+            wait_for(lambda: all(beats().values()), timeout=60, what="jobs claimed")
+            first = beats()
+            wait_for(lambda: all(beats()[j] > first[j] for j in job_ids), timeout=60,
+                     what="heartbeats of both in-flight jobs")
+            assert _count_findings(env) == 0  # still in flight
+            release.set()
+            assert [f.result(120) for f in futures] == ["succeeded", "succeeded"]
+    finally:
+        release.set()
+        pipeline.close()
+    assert pipeline.heartbeats.in_flight() == []

@@ -1,15 +1,21 @@
 """Loaded models, one per model row, kept for the life of the worker process. A bundle is
-verified against its manifest's sha256 list once, when it is first loaded."""
+verified against its manifest's sha256 list once, when it is first loaded.
+
+``loader`` is the extension point for the runtime (tests wrap the real one to record the
+batches it is called with; nothing is monkeypatched)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightbox.manifest import Manifest, load_manifest
 from lightbox.settings import Settings
 from worker.runtime import ModelRuntime, load_runtime
+
+RuntimeLoader = Callable[[str, Path, Settings], ModelRuntime]
 
 
 @dataclass(frozen=True)
@@ -20,8 +26,10 @@ class LoadedModel:
 
 
 class ModelCache:
-    def __init__(self, settings: Settings, runtime_kind: str) -> None:
+    def __init__(self, settings: Settings, runtime_kind: str,
+                 loader: RuntimeLoader = load_runtime) -> None:
         self.settings, self.runtime_kind = settings, runtime_kind
+        self._loader = loader
         self._models: dict[int, LoadedModel] = {}
         self._lock = threading.Lock()
 
@@ -31,6 +39,6 @@ class ModelCache:
             if loaded is None:
                 bundle = Path(bundle_path)
                 manifest = load_manifest(bundle, verify=True)
-                runtime = load_runtime(self.runtime_kind, bundle, self.settings)
+                runtime = self._loader(self.runtime_kind, bundle, self.settings)
                 loaded = self._models[model_id] = LoadedModel(model_id, manifest, runtime)
             return loaded

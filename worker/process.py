@@ -1,9 +1,11 @@
-"""Processing one job: claim → load instances → decode and preprocess → infer → write.
+"""Processing one job: claim → decode and preprocess → infer (batched with other jobs) → write.
 
-Findings and the job's final state are written in one transaction. The write first deletes
-any findings the same job wrote before (a redelivered message after a crash), so a job's
-findings exist exactly once. Older revisions' findings for the same study and model name are
-marked superseded, not deleted.
+Findings and the job's final state are written in one transaction (with every other job that
+finished at the same moment, :mod:`worker.writer`). The write first deletes any findings the
+same job wrote before (a redelivered message after a crash), so a job's findings exist exactly
+once. Older revisions' findings for the same study and model name are marked superseded, not
+deleted. Heatmaps (when the manifest names a ``cam_output``) are saved before that commit, so
+a succeeded job's heatmaps are always on disk.
 """
 
 from __future__ import annotations
@@ -11,29 +13,27 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import select
 
 from db import jobs as job_states
-from db.models import Finding, Instance, Job, Model, Series
+from db.models import Instance, Job, Model, Series
 from db.session import session_scope
 from lightbox.errors import LightboxError, PixelDecodeError
-from lightbox.preprocess import prepare_file
+from lightbox.heatmaps import save_heatmap
+from lightbox.manifest import Manifest
 from lightbox.settings import Settings
-from worker.model_cache import LoadedModel, ModelCache
+from worker.batcher import ImageResult
+from worker.model_cache import ModelCache
+from worker.pipeline import ImageRef, InlineRunner, JobRunner
+from worker.writer import JobResult, write_results
+
+__all__ = ["ImageRef", "run_job", "worker_name", "write_results"]
 
 log = logging.getLogger(__name__)
 NON_RETRYABLE = (PixelDecodeError,)
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    sop_instance_uid: str
-    series_instance_uid: str
-    path: str
 
 
 def worker_name() -> str:
@@ -51,28 +51,18 @@ def _study_images(session, job: Job) -> list[ImageRef]:  # type: ignore[no-untyp
     return [ImageRef(*row) for row in rows]
 
 
-def _infer(model: LoadedModel, images: list[ImageRef]) -> np.ndarray:
-    """Scores (N, labels) for the study's images, in one runtime call."""
-    tensors = []
-    for image in images:
-        try:
-            tensors.append(prepare_file(image.path, model.manifest))
-        except PixelDecodeError as exc:
-            raise PixelDecodeError(f"instance {image.sop_instance_uid}: {exc}") from exc
-    batch = np.stack(tensors)
-    outputs = model.runtime.infer(batch)
-    scores = outputs.get(model.manifest.output_name)
+def _scores(manifest: Manifest, result: ImageResult) -> np.ndarray:
+    scores = result.outputs.get(manifest.output_name)
     if scores is None:
-        scores = next(iter(outputs.values()))
-    return np.asarray(scores, dtype=np.float32).reshape(len(images), -1)
+        scores = next(iter(result.outputs.values()))
+    return np.asarray(scores, dtype=np.float32).reshape(-1)
 
 
-def _finding_rows(job: Job, model: LoadedModel, images: list[ImageRef],
-                  scores: np.ndarray) -> list[dict[str, object]]:
+def _finding_rows(job: Job, manifest: Manifest, images: list[ImageRef],
+                  results: list[ImageResult]) -> list[dict[str, Any]]:
     rows = []
-    manifest = model.manifest
-    for image, image_scores in zip(images, scores, strict=True):
-        for label, score in zip(manifest.labels, image_scores, strict=True):
+    for image, result in zip(images, results, strict=True):
+        for label, score in zip(manifest.labels, _scores(manifest, result), strict=True):
             threshold = manifest.threshold_for(label)
             rows.append({
                 "job_id": job.id, "study_id": job.study_id,
@@ -84,27 +74,42 @@ def _finding_rows(job: Job, model: LoadedModel, images: list[ImageRef],
     return rows
 
 
-def write_results(settings: Settings, job_id: int, rows: list[dict[str, object]]) -> None:
-    """One transaction: replace this job's findings, supersede older revisions, succeed."""
-    with session_scope(settings.sqlalchemy_url) as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        assert job is not None
-        session.execute(delete(Finding).where(Finding.job_id == job_id))
-        if rows:
-            session.execute(Finding.__table__.insert(), rows)
-        model_name = session.scalar(select(Model.name).where(Model.id == job.model_id))
-        older = select(Job.id).join(Model, Job.model_id == Model.id).where(
-            Job.study_id == job.study_id, Job.study_revision < job.study_revision,
-            Model.name == model_name)
-        session.execute(update(Finding).where(Finding.job_id.in_(older)).values(superseded=True))
-        job_states.succeed(session, job)
+def _save_heatmaps(settings: Settings, job_id: int, manifest: Manifest,
+                   images: list[ImageRef], results: list[ImageResult]) -> int:
+    if not manifest.cam_output:
+        return 0
+    saved = 0
+    for image, result in zip(images, results, strict=True):
+        cam = result.outputs.get(manifest.cam_output)
+        if cam is not None:
+            save_heatmap(settings, job_id, image.sop_instance_uid, cam)
+            saved += 1
+    return saved
 
 
-def run_job(settings: Settings, cache: ModelCache, job_id: int) -> str:
-    """Run one job to a recorded outcome. Returns the job's state."""
-    worker = worker_name()
+def _batches(results: list[ImageResult]) -> list[dict[str, Any]]:
+    seen: dict[int, dict[str, Any]] = {}
+    for result in results:
+        info = result.batch
+        entry = seen.setdefault(info.batch_id, {"id": info.batch_id, "size": info.size,
+                                                "jobs": list(info.job_ids), "images": 0})
+        entry["images"] += 1
+    return list(seen.values())
+
+
+def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> str:
+    """Run one job to a recorded outcome. Returns the job's state.
+
+    ``runner`` is the worker's :class:`~worker.pipeline.WorkerPipeline` (batched across the
+    jobs in flight) or, for one-off use, a bare :class:`ModelCache` (run inline)."""
+    if isinstance(runner, ModelCache):
+        inline = InlineRunner(settings, runner)
+        try:
+            return run_job(settings, inline, job_id)
+        finally:
+            inline.close()
     with session_scope(settings.sqlalchemy_url) as session:
-        job = job_states.claim(session, job_id, worker)
+        job = job_states.claim(session, job_id, worker_name())
         if job is None:
             current = session.get(Job, job_id)
             log.info("job %s not claimable (%s); message dropped", job_id,
@@ -114,14 +119,15 @@ def run_job(settings: Settings, cache: ModelCache, job_id: int) -> str:
         assert model_row is not None
         images = _study_images(session, job)
         bundle_path = model_row.bundle_path
-    beat = _Heartbeat(settings, job_id)
-    beat.start()
+    runner.heartbeats.add(job_id)
     try:
-        model = cache.get(job.model_id, bundle_path)
-        scores = _infer(model, images) if images else np.zeros((0, len(model.manifest.labels)))
-        rows = _finding_rows(job, model, images, scores)
-        write_results(settings, job_id, rows)
-        log.info("job %s succeeded: %d image(s), %d finding(s)", job_id, len(images), len(rows))
+        model = runner.cache.get(job.model_id, bundle_path)
+        results = runner.infer_images(model, job_id, images) if images else []
+        rows = _finding_rows(job, model.manifest, images, results)
+        heatmaps = _save_heatmaps(settings, job_id, model.manifest, images, results)
+        runner.commit(JobResult(job_id, rows, _batches(results)))
+        log.info("job %s succeeded: %d image(s), %d finding(s), %d heatmap(s)", job_id,
+                 len(images), len(rows), heatmaps)
         return "succeeded"
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job, then re-judged
         code = exc.code if isinstance(exc, LightboxError) else type(exc).__name__
@@ -134,28 +140,4 @@ def run_job(settings: Settings, cache: ModelCache, job_id: int) -> str:
                             max_attempts=settings.job_max_attempts)
             return job.state.value
     finally:
-        beat.stop()
-
-
-class _Heartbeat:
-    """Touches the running job's heartbeat so the scheduler can tell a live job from a dead one."""
-
-    def __init__(self, settings: Settings, job_id: int) -> None:
-        self.settings, self.job_id = settings, job_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.worker_heartbeat_seconds):
-            try:
-                with session_scope(self.settings.sqlalchemy_url) as session:
-                    job_states.heartbeat(session, self.job_id)
-            except Exception:  # noqa: BLE001 - a missed beat is not a failed job
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+        runner.heartbeats.discard(job_id)

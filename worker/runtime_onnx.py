@@ -1,8 +1,13 @@
 """ONNX Runtime on CPU.
 
-Threads are set deliberately: intra-op threads default to the node's cores (one model call
-uses them all, since one worker process runs one batch at a time) and inter-op parallelism is
-off (the graphs are sequential). Full graph optimisation is done once at load.
+Settings, deliberately:
+- intra-op threads default to the node's cores (``LIGHTBOX_ONNX_THREADS``): one batcher thread
+  calls the session, one batch at a time, so one call may use every core;
+- inter-op parallelism off (sequential execution): the graphs are chains of operators;
+- thread spinning off: between batches the cores belong to the decode processes
+  (:mod:`worker.decode_pool`), and spinning ORT threads would burn exactly the CPU that keeps the
+  runtime fed;
+- full graph optimisation (constant folding, fusions, layout) once, at load.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class OnnxRuntime:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )

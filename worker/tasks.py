@@ -1,9 +1,18 @@
 """The Celery task a worker runs, registered under :data:`lightbox.tasks.PROCESS_JOB`.
 
-Pool choice: ``solo`` — one process, one job at a time, no fork. CUDA contexts do not survive
-fork (a prefork child inherits a broken context), ONNX Runtime and TensorRT already use every
-core inside one call, and a model should be loaded once per process, not once per child.
-Scale out by running more worker processes (one per GPU).
+Pool choice: ``threads``, concurrency ``LIGHTBOX_WORKER_CONCURRENCY`` (jobs in flight).
+- No fork: a CUDA context does not survive fork (a prefork child inherits a broken one), and
+  neither does ONNX Runtime's thread pool; with threads, CUDA is initialised lazily in this
+  process by the batcher thread that runs the model (:mod:`worker.runtime_tensorrt`).
+- One model load per process, shared by every in-flight job, which is what lets images of
+  several studies share one runtime call (:mod:`worker.batcher`). Each task thread mostly waits
+  (decode happens in spawned processes, inference in the batcher thread, commits in the writer
+  thread), so the GIL is not the limit.
+- Prefetch: Celery reserves concurrency × ``worker_prefetch_multiplier`` (1) messages, i.e. only
+  the jobs it is running; a killed worker strands no more than those (redelivered after the
+  visibility timeout; the scheduler requeues them sooner from their stale heartbeats), and a
+  STAT job waits at most for one slot, never behind a reserved backlog.
+Scale out with more worker processes (one per GPU).
 """
 
 from __future__ import annotations
@@ -24,27 +33,29 @@ from lightbox.celery_app import make_celery
 from lightbox.settings import Settings, get_settings
 from lightbox.tasks import PROCESS_JOB, QUEUE
 from worker.model_cache import ModelCache
+from worker.pipeline import WorkerPipeline
 from worker.process import run_job, worker_name
 from worker.runtime import choose_runtime
 
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings) -> tuple[Celery, ModelCache]:
+def build_app(settings: Settings) -> tuple[Celery, WorkerPipeline]:
     app = make_celery(settings)
     runtime_kind = choose_runtime(settings)
-    cache = ModelCache(settings, runtime_kind)
+    pipeline = WorkerPipeline(settings, ModelCache(settings, runtime_kind))
 
     # A database that is down (restart, failover) must not cost the job: the task is retried
-    # with backoff instead of being acknowledged with its outcome unrecorded.
-    @app.task(name=PROCESS_JOB, acks_late=True, ignore_result=False,
+    # with backoff instead of being acknowledged with its outcome unrecorded. The outcome lives
+    # in the database; a Celery result per job would be a Redis write nobody reads.
+    @app.task(name=PROCESS_JOB, acks_late=True, ignore_result=True,
               autoretry_for=(OperationalError, InterfaceError), retry_backoff=True,
               retry_backoff_max=60, max_retries=30)
     def process_job(job_id: int) -> str:
         # Returns only after the job's outcome committed; the message is acked after that.
-        return run_job(settings, cache, int(job_id))
+        return run_job(settings, pipeline, int(job_id))
 
-    return app, cache
+    return app, pipeline
 
 
 def _touch_worker(settings: Settings, runtime: str) -> None:
@@ -60,27 +71,35 @@ def _touch_worker(settings: Settings, runtime: str) -> None:
 
 def run_worker(settings: Settings | None = None, loglevel: str = "INFO") -> None:
     settings = settings or get_settings()
-    app, cache = build_app(settings)
+    app, pipeline = build_app(settings)
+    runtime_kind = pipeline.cache.runtime_kind
     stop = threading.Event()
 
     def presence() -> None:
         while not stop.wait(settings.worker_heartbeat_seconds):
             try:
-                _touch_worker(settings, cache.runtime_kind)
+                _touch_worker(settings, runtime_kind)
             except Exception:  # noqa: BLE001 - presence is advisory
                 log.warning("worker presence update failed", exc_info=True)
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        _touch_worker(settings, cache.runtime_kind)
+        pipeline.warm_up()
+        _touch_worker(settings, runtime_kind)
         threading.Thread(target=presence, name="presence", daemon=True).start()
+        log.info("worker ready: runtime %s, %d job(s) in flight, batches of up to %d "
+                 "(wait %.0f ms), %d decode process(es)", runtime_kind,
+                 settings.worker_concurrency, settings.batch_max_size,
+                 settings.batch_max_wait_ms, pipeline.decoder.workers)
 
     @worker_shutdown.connect(weak=False)
     def _down(**_: object) -> None:
         stop.set()
+        pipeline.close()
 
     app.worker_main([
-        "worker", "--pool=solo", f"--loglevel={loglevel}", f"--queues={QUEUE}",
+        "worker", "--pool=threads", f"--concurrency={max(1, settings.worker_concurrency)}",
+        f"--loglevel={loglevel}", f"--queues={QUEUE}",
         f"--hostname=lightbox-{worker_name().replace(':', '-')}@%h", "--without-gossip",
         "--without-mingle",
     ])

@@ -1,0 +1,188 @@
+"""What a worker process shares between the jobs it has in flight.
+
+    Celery thread (one per job) ── claim ──▶ decode pool (processes) ──▶ batcher (one thread
+    per model: one runtime call for images of many jobs) ──▶ back to the job's thread by
+    future ──▶ result writer (one transaction for every job finished together) ──▶ ack
+
+:class:`WorkerPipeline` is the batched path a ``lightbox worker`` runs. :class:`InlineRunner`
+is the same contract without threads or processes (decode in the caller, one runtime call per
+job, a direct commit) for one-off use such as tests and scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+import numpy as np
+from sqlalchemy import select
+
+from db.models import Model, ModelStage
+from db.session import session_scope
+from lightbox.errors import PixelDecodeError
+from lightbox.settings import Settings
+from worker.batcher import Batcher, BatchInfo, ImageResult
+from worker.decode_pool import DecodePool, InlineDecoder
+from worker.heartbeat import Heartbeats
+from worker.model_cache import LoadedModel, ModelCache
+from worker.writer import JobResult, ResultWriter, write_group
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str
+
+
+class JobRunner(Protocol):
+    cache: ModelCache
+    heartbeats: Heartbeats
+
+    def infer_images(self, model: LoadedModel, job_id: int,
+                     images: list[ImageRef]) -> list[ImageResult]: ...
+
+    def commit(self, result: JobResult) -> None: ...
+
+
+def _wait_all(images: list[ImageRef], futures: list[Future[ImageResult]],
+              decodes: list[Future[np.ndarray]], timeout: float) -> list[ImageResult]:
+    """Each image's result in order; the first failure cancels what has not started."""
+    results = []
+    for image, future in zip(images, futures, strict=True):
+        try:
+            results.append(future.result(timeout=timeout))
+        except BaseException as exc:
+            for pending in decodes:
+                pending.cancel()
+            if isinstance(exc, PixelDecodeError):
+                raise PixelDecodeError(f"instance {image.sop_instance_uid}: {exc}") from exc
+            raise
+    return results
+
+
+def _forward(target: Future[ImageResult], source: Future[ImageResult]) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
+
+
+class WorkerPipeline:
+    """Decode pool + per-model batchers + group-commit writer + heartbeats, for one process."""
+
+    def __init__(self, settings: Settings, cache: ModelCache,
+                 decoder: DecodePool | InlineDecoder | None = None) -> None:
+        self.settings, self.cache = settings, cache
+        self.decoder = decoder if decoder is not None else DecodePool(settings.decode_workers)
+        self.writer = ResultWriter(settings)
+        self.heartbeats = Heartbeats(settings)
+        self._batchers: dict[int, Batcher] = {}
+        self._lock = threading.Lock()
+
+    def batcher_for(self, model: LoadedModel) -> Batcher:
+        with self._lock:
+            batcher = self._batchers.get(model.model_id)
+            if batcher is None:
+                limit = self.settings.batch_max_size
+                if not model.manifest.input.dynamic_batch:
+                    limit = 1
+                runtime_limit = getattr(model.runtime, "max_batch", None)
+                if runtime_limit:
+                    limit = min(limit, int(runtime_limit))
+                batcher = self._batchers[model.model_id] = Batcher(
+                    model.runtime, max_batch=limit,
+                    max_wait_s=self.settings.batch_max_wait_ms / 1000.0,
+                    name=f"batcher-model-{model.model_id}")
+            return batcher
+
+    def batchers(self) -> dict[int, Batcher]:
+        with self._lock:
+            return dict(self._batchers)
+
+    def infer_images(self, model: LoadedModel, job_id: int,
+                     images: list[ImageRef]) -> list[ImageResult]:
+        batcher = self.batcher_for(model)
+        futures: list[Future[ImageResult]] = []
+        decodes: list[Future[np.ndarray]] = []
+        for image in images:
+            out: Future[ImageResult] = Future()
+            decode = self.decoder.submit(image.path, model.manifest)
+            decode.add_done_callback(partial(self._to_batcher, batcher, job_id, out))
+            futures.append(out)
+            decodes.append(decode)
+        return _wait_all(images, futures, decodes, float(self.settings.visibility_timeout))
+
+    @staticmethod
+    def _to_batcher(batcher: Batcher, job_id: int, out: Future[ImageResult],
+                    decode: Future[np.ndarray]) -> None:
+        """Runs as soon as an image is decoded: it joins the next batch at once."""
+        try:
+            tensor = decode.result()
+        except CancelledError:
+            out.cancel()
+            return
+        except BaseException as exc:  # noqa: BLE001 - carried to the job's thread
+            out.set_exception(exc)
+            return
+        batcher.submit(tensor, job_id).add_done_callback(partial(_forward, out))
+
+    def commit(self, result: JobResult) -> None:
+        self.writer.commit(result, timeout=float(self.settings.visibility_timeout))
+
+    def warm_up(self) -> None:
+        """Start the decode processes and load every production model now, so the first jobs
+        do not pay for interpreter starts, bundle verification and session creation."""
+        self.decoder.warm_up()
+        with session_scope(self.settings.sqlalchemy_url) as session:
+            models = session.execute(select(Model.id, Model.bundle_path, Model.name).where(
+                Model.stage == ModelStage.production)).all()
+        for model_id, bundle_path, name in models:
+            try:
+                self.batcher_for(self.cache.get(model_id, bundle_path))
+            except Exception:  # noqa: BLE001 - a broken bundle fails its jobs, not the worker
+                log.warning("could not preload model %s (id %s)", name, model_id, exc_info=True)
+
+    def close(self) -> None:
+        self.heartbeats.close()
+        for batcher in self.batchers().values():
+            batcher.close()
+        self.writer.close()
+        self.decoder.close()
+
+
+class InlineRunner:
+    """The same contract, synchronous: decode here, one runtime call per job, commit here."""
+
+    def __init__(self, settings: Settings, cache: ModelCache) -> None:
+        self.settings, self.cache = settings, cache
+        self.heartbeats = Heartbeats(settings)
+        self._decoder = InlineDecoder()
+
+    def infer_images(self, model: LoadedModel, job_id: int,
+                     images: list[ImageRef]) -> list[ImageResult]:
+        decodes = [self._decoder.submit(image.path, model.manifest) for image in images]
+        tensors = []
+        for image, decode in zip(images, decodes, strict=True):
+            try:
+                tensors.append(decode.result())
+            except PixelDecodeError as exc:
+                raise PixelDecodeError(f"instance {image.sop_instance_uid}: {exc}") from exc
+        outputs = model.runtime.infer(np.stack(tensors))
+        info = BatchInfo(0, len(images), (job_id,))
+        return [ImageResult({name: np.asarray(value)[i] for name, value in outputs.items()}, info)
+                for i in range(len(images))]
+
+    def commit(self, result: JobResult) -> None:
+        write_group(self.settings, [result])
+
+    def close(self) -> None:
+        self.heartbeats.close()
