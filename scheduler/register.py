@@ -1,5 +1,6 @@
-"""Registration: the one path by which an instance enters Lightbox (folder ingest today; the
-SCP and STOW-RS use it too). Idempotent: the same SOP Instance UID twice gives one row.
+"""Registration: the one path by which an instance enters Lightbox (folder ingest, STOW-RS, pull;
+the SCP through its spool and :func:`register_received`, the batched form sharing the same
+checks and row rules). Idempotent: the same SOP Instance UID twice gives one row.
 
 Order of work, so that nothing is lost and nothing is half-registered:
 1. parse and check the header (bad files → quarantine with reason);
@@ -12,8 +13,11 @@ Order of work, so that nothing is lost and nothing is half-registered:
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,11 +28,17 @@ from sqlalchemy.orm import Session
 from db.models import Event, Instance, Series, Study, StudyStatus
 from db.session import session_scope
 from db.upsert import get_or_create
-from lightbox.errors import IngestError
+from lightbox.errors import IngestError, LightboxError
 from lightbox.settings import Settings
 from scheduler.header import Header, read_header
 from scheduler.quarantine import quarantine_file
-from scheduler.storage import file_sha256, instance_path, store_bytes_atomically
+from scheduler.storage import (
+    file_sha256,
+    fsync_directory,
+    instance_path,
+    link_into_storage,
+    store_bytes_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,38 +68,83 @@ def _check_path(path: Path, root: Path | None) -> None:
         raise IngestError("empty file (0 bytes)")
 
 
-def _record(session: Session, header: Header, stored: Path, sha: str, size: int,
-            source: str) -> Outcome:
+@dataclass(frozen=True)
+class Received:
+    """An instance whose bytes are durable and whose header passed the checks: what
+    :func:`register_received` needs to store and record it."""
+
+    path: Path
+    header: Header
+    sha256: str
+    size: int
+    source: str
+
+
+def _record_batch(session: Session, items: list[tuple[Received, Path]]) -> list[Outcome]:
+    """Rows for a batch of checked instances (``(instance, stored path)``) in one transaction.
+
+    Per instance, in order, the rules are those of one instance at a time: the same UID with the
+    same bytes is a duplicate (no change); otherwise the study is locked and, when it was
+    already processed, reopened as a new revision; a known UID with new bytes is a corrected
+    instance (its row is updated). Lookups are made once per study, series and batch."""
     now = datetime.now(timezone.utc)
-    study = get_or_create(session, Study, {"study_instance_uid": header.study_instance_uid})
-    series = get_or_create(
-        session, Series, {"series_instance_uid": header.series_instance_uid},
-        study_id=study.id, modality=header.tags.get("Modality"), tags=header.tags,
-    )
-    existing = session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-    ).first()
-    if existing is not None and existing.sha256 == sha:
-        return Outcome.duplicate
-    study = session.get(Study, study.id, with_for_update=True) or study
-    if study.status != StudyStatus.receiving:
-        study.revision += 1
-        study.status = StudyStatus.receiving
-        session.add(Event(kind="study_reopened", study_instance_uid=study.study_instance_uid,
-                          detail={"revision": study.revision,
-                                  "sop_instance_uid": header.sop_instance_uid}))
-    study.last_received_at = now
-    if existing is not None:  # same UID, new content: a corrected instance
-        existing.sha256, existing.size_bytes, existing.stored_path = sha, size, str(stored)
-        existing.study_revision, existing.received_at = study.revision, now
-        return Outcome.registered
-    session.add(Instance(
-        series_id=series.id, sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid,
-        stored_path=str(stored), size_bytes=size, sha256=sha, rows=header.rows,
-        columns=header.columns, study_revision=study.revision, received_at=now, source=source,
-    ))
-    return Outcome.registered
+    studies: dict[str, Study] = {}
+    series_rows: dict[str, Series] = {}
+    locked: set[str] = set()
+    uids = [item.header.sop_instance_uid for item, _ in items]
+    existing = {row.sop_instance_uid: row for row in session.scalars(
+        select(Instance).where(Instance.sop_instance_uid.in_(uids)))}
+    outcomes = []
+    for item, stored in items:
+        header = item.header
+        study = studies.get(header.study_instance_uid)
+        if study is None:
+            study = get_or_create(session, Study,
+                                  {"study_instance_uid": header.study_instance_uid})
+            studies[header.study_instance_uid] = study
+        series = series_rows.get(header.series_instance_uid)
+        if series is None:
+            series = get_or_create(
+                session, Series, {"series_instance_uid": header.series_instance_uid},
+                study_id=study.id, modality=header.tags.get("Modality"), tags=header.tags,
+            )
+            series_rows[header.series_instance_uid] = series
+        current = existing.get(header.sop_instance_uid)
+        if current is not None and current.sha256 == item.sha256:
+            outcomes.append(Outcome.duplicate)
+            continue
+        if header.study_instance_uid not in locked:
+            study = session.get(Study, study.id, with_for_update=True) or study
+            studies[header.study_instance_uid] = study
+            locked.add(header.study_instance_uid)
+        if study.status != StudyStatus.receiving:
+            study.revision += 1
+            study.status = StudyStatus.receiving
+            session.add(Event(kind="study_reopened", study_instance_uid=study.study_instance_uid,
+                              detail={"revision": study.revision,
+                                      "sop_instance_uid": header.sop_instance_uid}))
+        study.last_received_at = now
+        outcomes.append(Outcome.registered)
+        if current is not None:  # same UID, new content: a corrected instance
+            current.sha256, current.size_bytes = item.sha256, item.size
+            current.stored_path = str(stored)
+            current.study_revision, current.received_at = study.revision, now
+            continue
+        row = Instance(
+            series_id=series.id, sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid,
+            stored_path=str(stored), size_bytes=item.size, sha256=item.sha256, rows=header.rows,
+            columns=header.columns, study_revision=study.revision, received_at=now,
+            source=item.source[:32],
+        )
+        session.add(row)
+        existing[header.sop_instance_uid] = row
+    return outcomes
+
+
+def _stored_path(settings: Settings, header: Header) -> Path:
+    return instance_path(settings.storage_dir, header.study_instance_uid,
+                         header.series_instance_uid, header.sop_instance_uid)
 
 
 def register_file(settings: Settings, path: Path, *, source: str = "folder", move: bool = False,
@@ -103,15 +158,80 @@ def register_file(settings: Settings, path: Path, *, source: str = "folder", mov
         with session_scope(url) as session:
             quarantine_file(settings, session, path, code=exc.code, reason=str(exc), move=move)
         return RegisterResult(Outcome.quarantined, reason=str(exc))
-    stored = instance_path(settings.storage_dir, header.study_instance_uid,
-                           header.series_instance_uid, header.sop_instance_uid)
+    stored = _stored_path(settings, header)
     sha, size = file_sha256(path)
     if not (stored.exists() and file_sha256(stored)[0] == sha):
         store_bytes_atomically(path, stored)
     with session_scope(url) as session:
-        outcome = _record(session, header, stored, sha, size, source)
+        outcome, = _record_batch(session, [(Received(path, header, sha, size, source), stored)])
     if move:
         os.unlink(path)
     log.info("%s %s (study %s)", outcome.value, header.sop_instance_uid,
              header.study_instance_uid)
     return RegisterResult(outcome, header.sop_instance_uid, header.study_instance_uid)
+
+
+def register_received(settings: Settings, items: list[Received]) -> list[RegisterResult]:
+    """Register a batch of durable, already checked files (the SCP's spool) in one transaction:
+    the batched form of :func:`register_file` (same rows, same rules), for received files.
+
+    Each file is hard-linked into storage (no copy; its bytes were flushed when received), the
+    changed directories are flushed once, the rows are committed, and only then are the
+    spool names removed. A crash at any point leaves the spool file in place, and registering
+    it again is idempotent (a duplicate)."""
+    placed = [(item, _stored_path(settings, item.header)) for item in items]
+    changed: set[Path] = set()
+    for item, stored in placed:
+        changed.update(link_into_storage(item.path, stored, item.sha256))
+    for folder in sorted(changed, key=lambda p: len(p.parts), reverse=True):
+        fsync_directory(folder)
+    with session_scope(settings.sqlalchemy_url) as session:
+        outcomes = _record_batch(session, placed)
+    for item in items:
+        item.path.unlink(missing_ok=True)
+    results = []
+    for item, outcome in zip(items, outcomes, strict=True):
+        log.info("%s %s (study %s)", outcome.value, item.header.sop_instance_uid,
+                 item.header.study_instance_uid)
+        results.append(RegisterResult(outcome, item.header.sop_instance_uid,
+                                      item.header.study_instance_uid))
+    return results
+
+
+class StorageFullError(LightboxError):
+    """Storage is full or below its free-space floor: nothing was stored or registered.
+
+    Network receivers answer it with "out of resources" (C-STORE 0xA700) so the sender retries
+    later instead of losing the instance."""
+
+    code = "storage_full"
+
+
+def _free_mb(path: Path) -> float:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free / 2**20
+
+
+def register_bytes(settings: Settings, data: bytes, *, source: str,
+                   min_free_mb: float = 0.0) -> RegisterResult:
+    """Register one received Part 10 byte stream (SCP, STOW-RS, C-GET) through
+    :func:`register_file`, so network input gets exactly the checks, storage and rows of folder
+    ingest. The bytes are staged in ``incoming/`` and moved on (stored as received, no
+    re-encoding). Raises :class:`StorageFullError` when they cannot be kept; in that case no
+    file and no row is left behind."""
+    if _free_mb(settings.storage_dir) - len(data) / 2**20 < min_free_mb:
+        raise StorageFullError(f"storage below its free-space floor of {min_free_mb:g} MB")
+    incoming = settings.data_path / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=incoming, prefix="rx-", suffix=".dcm")
+    staged = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return register_file(settings, staged, source=source[:32], move=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFullError("storage full (no space left on device)") from exc
+        raise
+    finally:
+        staged.unlink(missing_ok=True)

@@ -1,0 +1,105 @@
+"""A job's findings as a DICOM Comprehensive 3D SR (TID 1500 measurement report, highdicom).
+
+One measurement group per finding: the model's score (with its decision threshold) and a
+qualitative evaluation (present/absent), the algorithm identification (model name and
+version), and references to the source image(s) it was computed on. The report is marked
+``VerificationFlag`` UNVERIFIED and ``CompletionFlag`` PARTIAL: AI output awaiting a reader.
+The source instances are listed as evidence, so a PACS files the SR under the same study.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from scheduler.outputs.common import MANUFACTURER, SR_SERIES_NUMBER, FindingItem, ModelInfo
+
+# Private coding scheme for model labels (labels are the model's own vocabulary).
+SCHEME = "99LIGHTBOX"
+UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+
+
+def _label_concept(label: str, suffix: str = "", meaning: str = "") -> hd.sr.CodedConcept:
+    value = f"{label}{suffix}"[:16]
+    return hd.sr.CodedConcept(value, SCHEME, (meaning or label)[:64])
+
+
+def _group(finding: FindingItem, model: ModelInfo,
+           by_uid: dict[str, Dataset]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.version[:64])
+    sources = [by_uid[finding.sop_instance_uid]] if finding.sop_instance_uid in by_uid else \
+        list(by_uid.values())
+    referenced = [hd.sr.SourceImageForMeasurement(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                  for ds in sources]
+    group_sources = [hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID),
+                                                          str(ds.SOPInstanceUID))
+                     for ds in sources]
+    measurements = [
+        hd.sr.Measurement(
+            name=_label_concept(finding.label, "-score", f"{finding.label} score"),
+            value=float(finding.score), unit=UNITLESS, algorithm_id=algorithm,
+            referenced_images=referenced),
+        hd.sr.Measurement(
+            name=_label_concept(finding.label, "-threshold", f"{finding.label} threshold"),
+            value=float(finding.threshold), unit=UNITLESS, algorithm_id=algorithm),
+    ]
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=_label_concept(finding.label),
+        value=codes.SCT.Present if finding.positive else codes.SCT.Absent)
+    where = finding.sop_instance_uid or "study"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier=f"{finding.label} {where}"[:64]),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[evaluation],
+        source_images=group_sources,
+    )
+
+
+def build_sr(sources: Sequence[Dataset], findings: Sequence[FindingItem], model: ModelInfo,
+             *, sop_instance_uid: str | None = None) -> Dataset:
+    """The SR for one job. ``sources``: the job's source instances (headers are enough)."""
+    if not sources:
+        raise ValueError("an SR needs at least one source instance as evidence")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(), name=model.description, manufacturer_name=MANUFACTURER,
+            model_name=model.name[:64], serial_number=model.version[:64]),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=[_group(f, model, by_uid) for f in findings],
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    with warnings.catch_warnings():
+        # highdicom warns with the value of odd person names: patient data must not reach logs.
+        warnings.simplefilter("ignore", UserWarning)
+        return _document(sources, report, model, sop_instance_uid)
+
+
+def _document(sources: Sequence[Dataset], report: hd.sr.MeasurementReport, model: ModelInfo,
+              sop_instance_uid: str | None) -> Dataset:
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(sources),
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        series_description=f"AI findings {model.description} (unverified)"[:64],
+        manufacturer_model_name=model.name[:64],
+        software_versions=model.version[:64],
+    )

@@ -1,0 +1,321 @@
+"""Storage SCP (`lightbox scp`): modalities and PACS push studies to Lightbox by C-STORE.
+
+Every storage SOP class is accepted in every transfer syntax pynetdicom knows (uncompressed,
+deflate, JPEG, JPEG-LS, JPEG 2000, RLE, ...), plus C-ECHO. Received bytes are kept exactly as
+received (``event.encoded_dataset()``, no decode, no re-encode). Per C-STORE the handler checks
+the header (the checks of :func:`scheduler.header.read_header`, so the status is right), writes
+the bytes once into the durable spool (:mod:`scheduler.spool`, one flush) and answers; the
+spool's registrar then registers batches in one transaction each (the batched form of the
+folder-ingest path). Statuses:
+
+* ``0x0000`` the bytes are on disk and will be registered (also after a crash: the spool is
+  registered when the SCP starts again),
+* ``0xA700`` out of resources: storage full or below ``LIGHTBOX_SCP_MIN_FREE_MB``; nothing kept,
+* ``0xC210`` cannot understand: the instance failed the header checks (it is quarantined).
+
+Callers not listed in ``LIGHTBOX_SCP_ALLOWED_CALLERS`` are rejected at association (calling AE
+title not recognised), before any data is sent. Each association runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import FileMetaDataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import OperationalError
+
+from db.models import Event
+from db.session import session_scope
+from lightbox.errors import ConfigurationError, IngestError
+from lightbox.settings import Settings
+from scheduler.register import Received, StorageFullError, register_file
+from scheduler.spool import Flushing, Spool, SpoolRegistrar, received, recover, spool_dir
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+GIL_SWITCH_SECONDS = 0.0005
+PRIORITY_HIGH = 0x0001  # C-STORE Priority: 0 medium, 1 high, 2 low
+# Never an allowed title (a space inside): see handle_requested.
+REJECTED_TITLE = "NOT ALLOWED"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One allowed caller: an AE title, optionally pinned to a host address."""
+
+    ae_title: str
+    host: str | None = None
+
+
+def parse_callers(spec: str) -> list[Caller] | None:
+    """``"MODALITY1, PACS@10.0.0.5"`` → callers; ``"*"`` → None (any caller)."""
+    callers = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            return None
+        title, _, host = item.partition("@")
+        if not title.strip() or len(title.strip()) > 16:
+            raise ConfigurationError(f"invalid allowed caller {item!r} (AE title of 1-16 chars)")
+        callers.append(Caller(title.strip(), host.strip() or None))
+    return callers
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server-side TLS from the cert/key settings (client certs required when a CA is set)."""
+    if settings.scp_tls_cert is None:
+        return None
+    if settings.scp_tls_key is None:
+        raise ConfigurationError("LIGHTBOX_SCP_TLS_CERT needs LIGHTBOX_SCP_TLS_KEY")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(settings.scp_tls_cert), str(settings.scp_tls_key))
+    if settings.scp_tls_ca is not None:
+        context.load_verify_locations(str(settings.scp_tls_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def handle_requested(event: evt.Event, callers: list[Caller] | None) -> None:
+    """Reject callers whose AE title, or pinned host, is not allowed."""
+    if callers is None:
+        return
+    requestor = event.assoc.requestor
+    # EVT_REQUESTED fires before negotiation: the title is still only in the A-ASSOCIATE-RQ.
+    title = str(requestor.primitive.calling_ae_title).strip()
+    if all(c.ae_title != title for c in callers):
+        return  # pynetdicom's require_calling_aet rejects it during negotiation
+    if any(c.ae_title == title and (c.host is None or c.host == requestor.address)
+           for c in callers):
+        return
+    log.warning("rejected association from %s at %s (not an allowed caller)",
+                title, requestor.address)
+    # Rejecting here with acse.send_reject races the socket shutdown (the peer sees an abort).
+    # Renaming the caller in the request makes pynetdicom's own require_calling_aet check send
+    # a proper A-ASSOCIATE-RJ (permanent, calling AE title not recognised) during negotiation.
+    requestor.primitive.calling_ae_title = REJECTED_TITLE
+
+
+def part10(meta: FileMetaDataset, dataset: bytes, calling: str, called: str) -> bytes:
+    """The received data set as a Part 10 byte stream, as received (no decode, no re-encode).
+
+    The file meta records who sent it (Sending/Receiving AE Title, PS3.10), so that a spool
+    file recovered after a crash is registered with its ``scp:<AE>`` source."""
+    meta.SendingApplicationEntityTitle = calling
+    meta.ReceivingApplicationEntityTitle = called
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), dataset))
+
+
+class Receiver:
+    """Starts spooling each C-STORE as soon as its last fragment has arrived.
+
+    pynetdicom hands a complete message to the C-STORE handler through a polling loop (about a
+    millisecond later); the bytes are already known when the message is complete
+    (``EVT_DIMSE_RECV``, in the association's network thread). Writing and flushing them from
+    there overlaps the disk flush with that dispatch; the handler then waits for the flush
+    and checks the header, and answers only once the bytes are durable. A message that never
+    reaches the handler (refused by pynetdicom itself) has its slot emptied when the
+    connection closes: it was never acknowledged."""
+
+    def __init__(self, settings: Settings, spool: Spool) -> None:
+        self.settings, self.spool = settings, spool
+        self._started: dict[tuple[int, int], tuple[bytes, Flushing | StorageFullError]] = {}
+        self._lock = threading.Lock()
+
+    def on_message(self, event: evt.Event) -> None:
+        message = event.message
+        if not isinstance(message, C_STORE_RQ) or message.data_set is None:
+            return
+        try:
+            command = message.command_set
+            context = next(cx for cx in event.assoc.accepted_contexts
+                           if cx.context_id == message.context_id)
+            meta = create_file_meta(sop_class_uid=command.AffectedSOPClassUID,
+                                    sop_instance_uid=command.AffectedSOPInstanceUID,
+                                    transfer_syntax=context.transfer_syntax[0])
+            data = part10(meta, message.data_set.getvalue(),
+                          event.assoc.requestor.ae_title.strip(), self.settings.scp_ae_title)
+            key = (id(event.assoc), int(command.MessageID))
+        except Exception:  # noqa: BLE001 - the C-STORE handler decides what to answer
+            return
+        try:
+            started: Flushing | StorageFullError = self.spool.write(
+                data, min_free_mb=self.settings.scp_min_free_mb)
+        except StorageFullError as exc:
+            started = exc
+        with self._lock:
+            self._started[key] = (data, started)
+
+    def take(self, event: evt.Event) -> tuple[bytes, Flushing]:
+        """The spooling started for this request (or started now). Raises
+        :class:`StorageFullError` when the bytes cannot be kept."""
+        key = (id(event.assoc), int(event.request.MessageID))
+        with self._lock:
+            entry = self._started.pop(key, None)
+        if entry is None:
+            data = part10(event.file_meta, event.encoded_dataset(include_meta=False),
+                          event.assoc.requestor.ae_title.strip(), self.settings.scp_ae_title)
+            return data, self.spool.write(data, min_free_mb=self.settings.scp_min_free_mb)
+        data, started = entry
+        if isinstance(started, StorageFullError):
+            raise started
+        return data, started
+
+    def on_close(self, event: evt.Event) -> None:
+        with self._lock:
+            keys = [k for k in self._started if k[0] == id(event.assoc)]
+            entries = [self._started.pop(k) for k in keys]
+        for _, started in entries:
+            if isinstance(started, Flushing):
+                started.discard()
+
+
+def handle_store(event: evt.Event, settings: Settings, receiver: Receiver,
+                 registrar: SpoolRegistrar, counts: dict[str, int],
+                 lock: threading.Lock) -> int:
+    """Check the header, make sure the bytes are durable in the spool, answer; registration
+    follows in :class:`~scheduler.spool.SpoolRegistrar` (rows come in batches, after the
+    reply)."""
+    calling = event.assoc.requestor.ae_title.strip()
+    source = f"scp:{calling}"[:32]
+    try:
+        try:
+            data, flushing = receiver.take(event)
+        except StorageFullError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unparseable request: "cannot understand"
+            log.warning("C-STORE from %s: undecodable data set (%s)", calling,
+                        type(exc).__name__)
+            return _count(counts, lock, "quarantined", CANNOT_UNDERSTAND)
+        try:  # checked while the bytes are being flushed
+            item: Received | None = received(flushing.slot, data, source)
+        except IngestError:
+            item = None
+        slot = flushing.wait()
+    except StorageFullError as exc:
+        log.error("C-STORE from %s refused: %s", calling, exc)
+        return _count(counts, lock, "out_of_resources", OUT_OF_RESOURCES)
+    if item is None:
+        # Same checks and quarantine as every other input: register_file quarantines it.
+        try:
+            result = register_file(settings, slot, source=source, move=True)
+        except OperationalError as exc:  # kept in the spool: quarantined at the next start
+            log.error("C-STORE from %s refused: database unavailable (%s)", calling,
+                      type(exc.orig).__name__)
+            return _count(counts, lock, "database_unavailable", OUT_OF_RESOURCES)
+        log.warning("C-STORE from %s quarantined: %s", calling, result.reason)
+        return _count(counts, lock, "quarantined", CANNOT_UNDERSTAND)
+    registrar.submit(item)
+    if getattr(event.request, "Priority", 0) == PRIORITY_HIGH:
+        _record_high_priority(settings, calling, item.header.study_instance_uid,
+                              item.header.sop_instance_uid)
+    return SUCCESS
+
+
+def _count(counts: dict[str, int], lock: threading.Lock, key: str, status: int) -> int:
+    with lock:
+        counts[key] = counts.get(key, 0) + 1
+    return status
+
+
+def _record_high_priority(settings: Settings, calling: str, study_uid: str | None,
+                          sop_uid: str | None) -> None:
+    """C-STORE Priority HIGH is kept as an event (``cstore_high_priority``) for the STAT
+    rules to read; the instance row itself only carries ``source = scp:<AE>``."""
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            session.add(Event(kind="cstore_high_priority", study_instance_uid=study_uid,
+                              detail={"sop_instance_uid": sop_uid,
+                                      "calling_ae_title": calling}))
+    except OperationalError as exc:  # the instance itself is safe in the spool
+        log.error("priority of %s not recorded: database unavailable (%s)", sop_uid,
+                  type(exc.orig).__name__)
+
+
+def handle_echo(event: evt.Event) -> int:
+    return SUCCESS
+
+
+def make_ae(settings: Settings) -> AE:
+    """The SCP's application entity: all storage SOP classes × all transfer syntaxes."""
+    ae = AE(ae_title=settings.scp_ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_associations = settings.scp_max_associations
+    ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from senders that honour it
+    callers = parse_callers(settings.scp_allowed_callers)
+    if callers is not None:
+        # pynetdicom's own check (AE title) runs first; the handler adds the host pinning.
+        ae.require_calling_aet = sorted({c.ae_title for c in callers})
+    return ae
+
+
+class Scp:
+    """A running SCP: the association server and the registrar draining its spool."""
+
+    def __init__(self, server: ThreadedAssociationServer, registrar: SpoolRegistrar) -> None:
+        self.server, self.registrar = server, registrar
+
+    def shutdown(self) -> None:
+        """Stop accepting, then register everything already acknowledged."""
+        self.server.shutdown()
+        self.registrar.stop()
+
+
+def start_scp(settings: Settings, *, counts: dict[str, int] | None = None) -> Scp:
+    """Register what a crash left in the spool, then listen on
+    ``LIGHTBOX_SCP_BIND_ADDRESS:LIGHTBOX_SCP_PORT`` (returns at once: call ``shutdown()``)."""
+    ae = make_ae(settings)
+    callers = parse_callers(settings.scp_allowed_callers)
+    counts = counts if counts is not None else {}
+    lock = threading.Lock()
+    spool = Spool(spool_dir(settings))
+    recover(settings, spool)
+    registrar = SpoolRegistrar(settings, spool, counts, lock)
+    registrar.start()
+    receiver = Receiver(settings, spool)
+    handlers: list[Any] = [
+        (evt.EVT_DIMSE_RECV, receiver.on_message),
+        (evt.EVT_C_STORE, handle_store, [settings, receiver, registrar, counts, lock]),
+        (evt.EVT_CONN_CLOSE, receiver.on_close),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REQUESTED, handle_requested, [callers]),
+    ]
+    address = (settings.scp_bind_address, settings.scp_port)
+    context = tls_context(settings)
+    log.info("storage SCP %s listening on %s:%d%s (callers: %s)", settings.scp_ae_title,
+             *address, " with TLS" if context else "", settings.scp_allowed_callers)
+    server = ae.start_server(address, block=False, evt_handlers=handlers,
+                             ssl_context=context)
+    assert server is not None
+    return Scp(server, registrar)
+
+
+def run_scp(settings: Settings, stop: threading.Event) -> dict[str, int]:
+    """Serve until ``stop`` is set; return counts by outcome."""
+    # Each C-STORE's latency decides the throughput (senders wait for every reply), and the
+    # network threads share the interpreter with the registrar's batches: hand the GIL over
+    # every 0.5 ms instead of 5 ms so a batch never holds a reply back for long.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    counts: dict[str, int] = {}
+    scp = start_scp(settings, counts=counts)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        scp.shutdown()
+    return counts

@@ -1,0 +1,185 @@
+"""`lightbox scp` against real senders: dcmtk storescu/dcmsend/echoscu and pynetdicom.
+
+Uncompressed and JPEG 2000 (the real chest CRs from pydicom-data) arrive, are stored byte for
+byte as received, registered with ``source = scp:<calling AE>``, and processed into findings
+by a real scheduler and worker; callers not allowed are rejected at association."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, StoragePresentationContexts
+from sqlalchemy import func, select
+
+from db.models import Event, Finding, Instance, Job, JobState, QuarantinedFile, Study
+from db.session import session_scope
+from lightbox.synthetic import real_chest_crs, write_study
+from tests.conftest import Backend, stop_processes, wait_for
+from tests.pacs_peers import lightbox_scp, require, run_dcmtk
+
+J2K = "1.2.840.10008.1.2.4.90"
+
+
+def _instances(backend: Backend) -> dict[str, Instance]:
+    with session_scope(backend.settings.sqlalchemy_url) as session:
+        return {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+
+
+def _wait_instances(backend: Backend, uids: set[str]) -> dict[str, Instance]:
+    """The reply precedes the row (the spool's registrar commits batches): wait for them."""
+    return wait_for(lambda: (rows := _instances(backend)).keys() >= uids and rows, 60,
+                    what=f"{len(uids)} instance rows")
+
+
+def _pixels(path: Path) -> tuple[str, bytes]:
+    ds = pydicom.dcmread(path)
+    return str(ds.file_meta.TransferSyntaxUID), bytes(ds.PixelData)
+
+
+def test_storescu_and_dcmsend_to_findings(backend: Backend, registered_model: tuple[int, str],
+                                          tmp_path: Path) -> None:
+    require("storescu", "dcmsend")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rng = np.random.default_rng(3)
+    synthetic = write_study(tmp_path / "synthetic", rng, label=1, images=2, size=256)
+    real_uid, real_paths = real_chest_crs(tmp_path / "real")
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    with lightbox_scp(backend, logs / "scp.log", callers="STORESCU,DCMSEND") as port:
+        procs = [backend.spawn("worker", log=logs / "worker.log"),
+                 backend.spawn("scheduler", log=logs / "scheduler.log")]
+        try:
+            sent = run_dcmtk("storescu", "-aet", "STORESCU", "-aec", "LIGHTBOX", "127.0.0.1",
+                             str(port), str(ct), *map(str, synthetic.paths))
+            assert sent.returncode == 0, sent.stderr
+            # dcmsend negotiates each file's own transfer syntax: JPEG 2000 stays JPEG 2000.
+            sent = run_dcmtk("dcmsend", "-aet", "DCMSEND", "-aec", "LIGHTBOX", "127.0.0.1",
+                             str(port), *map(str, real_paths))
+            assert sent.returncode == 0, sent.stderr
+            expected = {**{uid: "scp:STORESCU" for uid in synthetic.sop_instance_uids},
+                        **{str(pydicom.dcmread(p).SOPInstanceUID): "scp:DCMSEND"
+                           for p in real_paths}}
+            rows = _wait_instances(backend, set(expected))
+            assert {uid: rows[uid].source for uid in expected} == expected
+            for path in real_paths:
+                uid = str(pydicom.dcmread(path).SOPInstanceUID)
+                # Stored as received: identical pixel bytes, JPEG 2000 kept compressed.
+                stored_syntax, stored_pixels = _pixels(Path(rows[uid].stored_path))
+                source_syntax, source_pixels = _pixels(path)
+                assert stored_pixels == source_pixels
+                assert stored_syntax == rows[uid].transfer_syntax_uid
+                if source_syntax == J2K:
+                    assert stored_syntax == J2K
+            assert J2K in {rows[u].transfer_syntax_uid for u in expected}
+
+            url = backend.settings.sqlalchemy_url
+
+            def real_findings() -> list[Finding]:
+                with session_scope(url) as session:
+                    jobs = session.scalars(select(Job).join(Study).where(
+                        Study.study_instance_uid == real_uid)).all()
+                    if not jobs or not all(j.state.terminal for j in jobs):
+                        return []
+                    assert {j.state for j in jobs} == {JobState.succeeded}
+                    return list(session.scalars(select(Finding).where(
+                        Finding.job_id.in_([j.id for j in jobs]))))
+
+            findings = wait_for(real_findings, 240, what="findings for the real chest CRs")
+            assert {f.sop_instance_uid for f in findings} == {
+                str(pydicom.dcmread(p).SOPInstanceUID) for p in real_paths}
+        finally:
+            stop_processes(procs)
+
+
+def test_unknown_callers_rejected(sqlite_backend: Backend, tmp_path: Path) -> None:
+    require("echoscu", "storescu")
+    ct = str(get_testdata_file("CT_small.dcm"))
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log",
+                      callers="STORESCU, PINNED@10.255.255.1") as port:
+        ok = run_dcmtk("echoscu", "-aet", "STORESCU", "-aec", "LIGHTBOX", "127.0.0.1", str(port))
+        assert ok.returncode == 0, ok.stderr
+        for title in ("INTRUDER", "PINNED"):  # unknown title; known title from the wrong host
+            refused = run_dcmtk("storescu", "-aet", title, "-aec", "LIGHTBOX", "127.0.0.1",
+                                str(port), ct)
+            assert refused.returncode != 0
+            assert "Association Rejected" in refused.stderr
+            assert "Calling AE Title Not Recognized" in refused.stderr
+    assert _instances(sqlite_backend) == {}
+
+
+def test_concurrent_associations(sqlite_backend: Backend, tmp_path: Path) -> None:
+    require("storescu")
+    rng = np.random.default_rng(5)
+    studies = [write_study(tmp_path / f"s{i}", rng, label=i % 2, images=6, size=128)
+               for i in range(4)]
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log") as port:
+        def send(i: int) -> subprocess.CompletedProcess[str]:
+            return run_dcmtk("storescu", "-aet", f"MOD{i}", "-aec", "LIGHTBOX", "127.0.0.1",
+                             str(port), *map(str, studies[i].paths))
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(send, range(4)))
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        rows = _wait_instances(sqlite_backend, {u for s in studies for u in s.sop_instance_uids})
+    for i, study in enumerate(studies):
+        assert {rows[u].source for u in study.sop_instance_uids} == {f"scp:MOD{i}"}
+    assert len(rows) == 24
+
+
+def _store(port: int, ds: pydicom.Dataset, priority: int = 2,
+           **associate_kwargs: object) -> int | None:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.requested_contexts = StoragePresentationContexts[:100]
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX", **associate_kwargs)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(ds, priority=priority)
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+def test_cannot_understand_is_quarantined(sqlite_backend: Backend, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID = "not-a-uid"
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log") as port:
+        assert _store(port, ds) == 0xC210
+    with session_scope(sqlite_backend.settings.sqlalchemy_url) as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
+        reasons = list(session.scalars(select(QuarantinedFile.reason)))
+    assert reasons == ["invalid StudyInstanceUID (not a DICOM UID)"]
+
+
+def test_tls(sqlite_backend: Backend, tmp_path: Path) -> None:
+    require("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log", LIGHTBOX_SCP_TLS_CERT=str(cert),
+                      LIGHTBOX_SCP_TLS_KEY=str(key)) as port:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        assert _store(port, ds, tls_args=(client, "localhost")) == 0x0000
+        assert _store(port, ds) is None  # plain DICOM is not spoken on the TLS port
+        assert _wait_instances(sqlite_backend, {ds.SOPInstanceUID})
+
+
+def test_high_priority_is_recorded(sqlite_backend: Backend, tmp_path: Path) -> None:
+    urgent = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    routine = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log") as port:
+        assert _store(port, urgent, priority=1) == 0x0000
+        assert _store(port, routine) == 0x0000
+    with session_scope(sqlite_backend.settings.sqlalchemy_url) as session:
+        events = [(e.study_instance_uid, e.detail["sop_instance_uid"]) for e in session.scalars(
+            select(Event).where(Event.kind == "cstore_high_priority"))]
+    assert events == [(urgent.StudyInstanceUID, urgent.SOPInstanceUID)]
