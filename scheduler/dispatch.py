@@ -3,26 +3,31 @@
 Jobs are rows first: a job is inserted as ``queued`` with ``enqueued_at`` NULL and committed;
 only then is its Celery message sent, and ``enqueued_at`` set. A crash between the two leaves a
 queued, unsent job that the next pass sends (the transactional outbox). A message sent twice
-is harmless: the worker's claim and its findings write are idempotent.
+is harmless: the worker claims only a ``queued`` job and its findings write is idempotent.
+
+Each message's Celery task id carries its job id (:func:`lightbox.tasks.job_task_id`), which is
+how :mod:`scheduler.reconcile` finds jobs whose message Redis lost.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from celery import Celery
 from sqlalchemy import case, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs as job_states
-from db.models import Event, Job, JobState, Priority, Study, StudyStatus
+from db.models import Event, Instance, Job, JobState, Priority, Series, Study, StudyStatus
 from db.registry import production_model
 from db.session import session_scope
 from db.upsert import insert_ignore
 from lightbox.settings import Settings
-from lightbox.tasks import PRIORITY_ROUTINE, PRIORITY_STAT, PROCESS_JOB
+from lightbox.tasks import PRIORITY_ROUTINE, PRIORITY_STAT, PROCESS_JOB, job_task_id
 from scheduler.route import Rule, route_study
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,14 @@ class PassReport:
     jobs_created: int = 0
     jobs_sent: int = 0
     jobs_requeued: int = 0
+    jobs_stale: int = 0
+    jobs_dead: int = 0
+    jobs_lost: int = 0
+    jobs_escalated: int = 0
+    pixels_deleted: int = 0
+
+    def __bool__(self) -> bool:
+        return any(vars(self).values())
 
 
 def _ready(session: Session, quiet_seconds: float) -> list[Study]:
@@ -52,12 +65,30 @@ def _ready(session: Session, quiet_seconds: float) -> list[Study]:
     return list(session.scalars(query))
 
 
+def _series_tags(session: Session, study: Study) -> list[dict[str, object]]:
+    """Each series' routing tags plus ``CallingAETitle``: the AE titles that sent it (SCP)."""
+    senders: dict[int, list[str]] = {}
+    for series_id, source in session.execute(
+            select(Instance.series_id, Instance.source).distinct()
+            .join(Series, Instance.series_id == Series.id).where(Series.study_id == study.id)):
+        if source and source.startswith("scp:"):
+            senders.setdefault(series_id, []).append(source[4:])
+    return [{**(s.tags or {}), "CallingAETitle": senders.get(s.id, [])} for s in study.series]
+
+
+def send(app: Celery, job_id: int, stat: bool, producer: Any = None) -> None:
+    """One job message; STAT jobs use the first priority sub-queue. Pass one ``producer`` for a
+    batch (``app.producer_or_acquire()``): a connection per message costs more than the send."""
+    app.send_task(PROCESS_JOB, args=[job_id], task_id=job_task_id(job_id, uuid.uuid4().hex[:12]),
+                  priority=PRIORITY_STAT if stat else PRIORITY_ROUTINE, producer=producer)
+
+
 def dispatch_ready(settings: Settings, rules: list[Rule], report: PassReport) -> None:
     """Route quiet studies and create their jobs (committed, not yet sent)."""
     with session_scope(settings.sqlalchemy_url) as session:
         now = datetime.now(timezone.utc)
         for study in _ready(session, settings.quiet_seconds):
-            routes = route_study(rules, [s.tags or {} for s in study.series])
+            routes = route_study(rules, _series_tags(session, study))
             models = [(r, production_model(session, r.model)) for r in routes]
             missing = [r.model for r, m in models if m is None]
             study.routed_at = now
@@ -99,9 +130,8 @@ def send_pending(settings: Settings, app: Celery, report: PassReport) -> None:
             rows = list(session.execute(query))
             if not rows:
                 return
-            for job_id, priority in rows:
-                app.send_task(PROCESS_JOB, args=[job_id],
-                              priority=PRIORITY_STAT if priority == Priority.stat
-                              else PRIORITY_ROUTINE)
+            with app.producer_or_acquire() as producer:
+                for job_id, priority in rows:
+                    send(app, job_id, priority == Priority.stat, producer)
             job_states.mark_enqueued(session, [job_id for job_id, _ in rows])
             report.jobs_sent += len(rows)

@@ -40,6 +40,7 @@ ROUTING_TAGS = (
     "ProtocolName",
     "Manufacturer",
     "ImageType",
+    "RequestedProcedurePriority",
 )
 
 

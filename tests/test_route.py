@@ -73,7 +73,42 @@ def test_one_matching_series_routes_the_study(default_rules: list[Rule]) -> None
 def test_packaged_default_file_is_used_without_a_path() -> None:
     assert DEFAULT_RULES.is_file()
     assert load_rules() == load_rules(DEFAULT_RULES)
-    assert [(r.name, r.models) for r in load_rules()] == [("chest-radiograph", ("chest",))]
+    assert [(r.name, r.models, r.priority.value) for r in load_rules()] == [
+        ("chest-radiograph", ("chest",), "routine"), ("requested-stat", (), "stat")]
+
+
+PRIORITY_RULES = """
+rules:
+  - {name: chest, match: {Modality: [CR, DX]}, models: [chest]}
+  - {name: emergency-ae, match: {CallingAETitle: ["ED_*"]}, priority: stat}
+  - {name: stat-description, match: {StudyDescription: "*STAT*"}, priority: stat}
+  - {name: requested, match: {RequestedProcedurePriority: [STAT, HIGH]}, priority: stat}
+"""
+
+
+@pytest.mark.parametrize(("tags", "priority"), [
+    ({"Modality": "CR"}, Priority.routine),
+    ({"Modality": "CR", "CallingAETitle": ["ED_CR1"]}, Priority.stat),
+    ({"Modality": "CR", "CallingAETitle": ["RAD_CR1"]}, Priority.routine),
+    ({"Modality": "CR", "StudyDescription": "XR CHEST STAT"}, Priority.stat),
+    ({"Modality": "CR", "RequestedProcedurePriority": "HIGH"}, Priority.stat),
+    ({"Modality": "CR", "RequestedProcedurePriority": "ROUTINE"}, Priority.routine),
+])
+def test_stat_rules_escalate_by_ae_title_tag_or_requested_priority(
+        tmp_path: Path, tags: dict[str, object], priority: Priority) -> None:
+    rules = load_rules(rules_file(tmp_path, PRIORITY_RULES))
+    [route] = route_study(rules, [tags])
+    assert (route.model, route.priority) == ("chest", priority)
+
+
+def test_stat_rule_alone_routes_nothing(tmp_path: Path) -> None:
+    rules = load_rules(rules_file(tmp_path, PRIORITY_RULES))
+    assert route_study(rules, [{"Modality": "CT", "CallingAETitle": ["ED_CT"]}]) == []
+
+
+def test_routine_rule_without_models_is_invalid(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError):
+        load_rules(rules_file(tmp_path, "rules:\n  - {name: x, match: {Modality: CR}}\n"))
 
 
 STAT_RULES = """
