@@ -74,9 +74,10 @@ class Settings(BaseSettings):
     scp_port: int = Field(default=11112, description="TCP port of `lightbox scp`.")
     scp_bind_address: str = Field(default="0.0.0.0", description="Address the SCP listens on.")
     scp_allowed_callers: str = Field(
-        default="*",
+        default="",
         description="Calling AE titles accepted by the SCP, comma separated, each optionally "
-        "AE@host; '*' accepts any caller. Others are rejected at association.",
+        "AE@host; others are rejected at association. Required: the SCP refuses to start "
+        "without it; '*' accepts any caller (not for production).",
     )
     scp_max_associations: int = Field(default=16, description="Concurrent associations.")
     scp_min_free_mb: float = Field(

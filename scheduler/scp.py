@@ -72,6 +72,10 @@ def parse_callers(spec: str) -> list[Caller] | None:
         if not title.strip() or len(title.strip()) > 16:
             raise ConfigurationError(f"invalid allowed caller {item!r} (AE title of 1-16 chars)")
         callers.append(Caller(title.strip(), host.strip() or None))
+    if not callers:
+        raise ConfigurationError(
+            "no allowed callers: set LIGHTBOX_SCP_ALLOWED_CALLERS to the AE titles that may "
+            "send (e.g. 'PACS,CT1@10.0.0.7'), or '*' to accept any caller")
     return callers
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import func, select
@@ -183,3 +184,16 @@ def test_high_priority_is_recorded(sqlite_backend: Backend, tmp_path: Path) -> N
         events = [(e.study_instance_uid, e.detail["sop_instance_uid"]) for e in session.scalars(
             select(Event).where(Event.kind == "cstore_high_priority"))]
     assert events == [(urgent.StudyInstanceUID, urgent.SOPInstanceUID)]
+
+
+def test_allowed_callers_must_be_configured() -> None:
+    """An SCP with no caller list would accept anyone: it refuses to start instead."""
+    from lightbox.errors import ConfigurationError
+    from scheduler.scp import Caller, parse_callers
+
+    with pytest.raises(ConfigurationError, match="LIGHTBOX_SCP_ALLOWED_CALLERS"):
+        parse_callers("")
+    with pytest.raises(ConfigurationError, match="invalid allowed caller"):
+        parse_callers("A_TITLE_LONGER_THAN_16")
+    assert parse_callers(" PACS , CT1@10.0.0.7 ") == [Caller("PACS"), Caller("CT1", "10.0.0.7")]
+    assert parse_callers("*") is None
