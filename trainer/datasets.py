@@ -34,7 +34,7 @@ import pydicom
 
 from lightbox.errors import ConfigurationError, PixelDecodeError
 from lightbox.manifest import Manifest
-from lightbox.preprocess import prepare_file
+from lightbox.preprocess import PREPARE_VERSION, prepare_file
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,10 @@ def source_from_summary(summary: dict[str, object]) -> DatasetSource:
 
 
 def spec_digest(manifest: Manifest) -> str:
-    """What a prepared array depends on besides the file: input and preprocessing spec."""
-    spec = {"input": manifest.input.model_dump(), "pre": manifest.preprocessing.model_dump()}
+    """What a prepared array depends on besides the file: input and preprocessing spec, and the
+    version of the preprocessing code (a change there must not serve stale arrays)."""
+    spec = {"input": manifest.input.model_dump(), "pre": manifest.preprocessing.model_dump(),
+            "code": PREPARE_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,165 @@
+"""Decode speed work keeps results: the in-place linear window equals pydicom's windowing, and
+the spawned decode pool returns exactly what inline preprocessing does (errors included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from lightbox.errors import PixelDecodeError
+from lightbox.manifest import PreprocessSpec, load_manifest
+from lightbox.pixels import _stored_extremes, decode_frame, linear_window, to_display
+from lightbox.preprocess import prepare_file
+from worker.decode_pool import DecodePool
+
+
+def _reference(array: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The straightforward pydicom route: modality LUT, VOI window, scale, invert."""
+    values = apply_voi_lut(apply_modality_lut(array, ds).astype(np.float64), ds, index=0)
+    ends = apply_voi_lut(apply_modality_lut(_stored_extremes(ds), ds).astype(np.float64), ds,
+                         index=0)
+    low, high = float(np.min(ends)), float(np.max(ends))
+    out = np.clip((values - low) / (high - low), 0, 1)
+    return 1 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
+
+
+@pytest.mark.parametrize("name,center,width", [
+    ("RG1_UNCR.dcm", None, None),  # MONOCHROME1, window in the file
+    ("RG1_UNCR.dcm", 12000.0, 5000.0),  # a narrow window: much of the image clipped
+    ("CT_small.dcm", 40.0, 400.0),  # signed, rescale slope/intercept
+    ("MR_small.dcm", 600.0, 1200.0),
+])
+def test_linear_window_fast_path_equals_pydicom(name: str, center: float | None,
+                                                width: float | None) -> None:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    array = decode_frame(ds)
+    assert linear_window(ds) is not None
+    fast = to_display(array, ds, PreprocessSpec())
+    assert fast.dtype == np.float32 and fast.shape == array.shape
+    assert np.max(np.abs(fast - _reference(array, ds))) < 1e-5
+
+
+def test_nonlinear_windows_take_the_general_path() -> None:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40.0, 400.0
+    ds.VOILUTFunction = "SIGMOID"
+    assert linear_window(ds) is None
+    out = to_display(decode_frame(ds), ds, PreprocessSpec())
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    ds.VOILUTFunction = "LINEAR"
+    ds.WindowWidth = 1.0  # degenerate
+    assert linear_window(ds) is None
+
+
+def test_decode_pool_matches_inline_and_carries_errors(model_bundle: Path,
+                                                       tmp_path: Path) -> None:
+    from lightbox.synthetic import real_chest_crs
+
+    manifest = load_manifest(model_bundle)
+    _, paths = real_chest_crs(tmp_path)
+    broken = tmp_path / "broken.dcm"
+    data = bytearray(paths[1].read_bytes())
+    data[len(data) - 200_000:] = bytes(200_000)  # zero the end of the JPEG 2000 codestream
+    broken.write_bytes(bytes(data))
+    pool = DecodePool(2)
+    try:
+        futures = [pool.submit(p, manifest) for p in (*paths, broken, paths[0])]
+        for path, future in zip(paths, futures[:2], strict=True):
+            np.testing.assert_array_equal(future.result(120), prepare_file(path, manifest))
+        with pytest.raises(PixelDecodeError):
+            futures[2].result(120)
+        assert futures[3].result(120).shape == (1, manifest.input.height, manifest.input.width)
+    finally:
+        pool.close()
+
+
+# --- reduced-resolution JPEG 2000 (lightbox/j2k_reduced.py) --------------------------------------
+
+
+def _codestream(name: str) -> tuple[pydicom.Dataset, bytes]:
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    return ds, next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _area_average(full: np.ndarray, factor: int) -> np.ndarray:
+    """Block means with openjpeg's ceil rounding (edge blocks are partial)."""
+    rows, cols = -(-full.shape[0] // factor), -(-full.shape[1] // factor)
+    padded = np.full((rows * factor, cols * factor), np.nan)
+    padded[: full.shape[0], : full.shape[1]] = full
+    return np.nanmean(padded.reshape(rows, factor, cols, factor), axis=(1, 3))
+
+
+def test_reduced_decoder_at_full_resolution_equals_openjpeg_exactly() -> None:
+    import openjpeg
+
+    from lightbox.j2k_reduced import decode_reduced, read_header
+
+    ds, codestream = _codestream("RG1_J2KR.dcm")
+    header = read_header(codestream)
+    assert header is not None
+    assert (header.height, header.width, header.precision, header.levels) == (1955, 1841, 15, 5)
+    ours = decode_reduced(codestream, header, 0)
+    assert ours is not None  # Pillow's 16-bit scaling undone by the SIZ precision
+    np.testing.assert_array_equal(ours, openjpeg.decode(codestream))
+    np.testing.assert_array_equal(ours, ds.pixel_array)
+
+
+def test_reduced_decode_covers_the_model_input_and_matches_an_area_average() -> None:
+    from lightbox.j2k_reduced import read_header, reduction_for
+
+    ds, codestream = _codestream("RG1_J2KR.dcm")
+    header = read_header(codestream)
+    assert header is not None
+    assert reduction_for(header, 224, 224) == 3  # 245×231; one more level would be 123×116
+    assert reduction_for(header, 2000, 2000) == 0
+    assert reduction_for(header, 1, 1) == header.levels  # capped by the decomposition levels
+    reduced = decode_frame(ds, (224, 224))
+    assert reduced.shape == (245, 231) and reduced.dtype == np.uint16
+    reference = _area_average(decode_frame(ds).astype(np.float64), 8)
+    assert np.corrcoef(reduced.ravel(), reference.ravel())[0, 1] > 0.99
+    assert abs(float(reduced.mean()) - float(reference.mean())) < 0.01 * float(reference.mean())
+
+
+def test_prepared_jpeg2000_matches_the_uncompressed_original_through_the_window() -> None:
+    """Modality LUT, VOI window and MONOCHROME1 inversion are applied to the reduced image the
+    same way: the tensor of the JPEG 2000 file is the uncompressed file's, up to the filter."""
+    from lightbox.manifest import Manifest
+
+    model = Manifest(name="t", version="1", architecture="none",
+                     input={"height": 224, "width": 224}, preprocessing={}, labels=["x"],
+                     thresholds={})
+    j2k = prepare_file(get_testdata_file("RG1_J2KR.dcm"), model)
+    plain = prepare_file(get_testdata_file("RG1_UNCR.dcm"), model)
+    assert j2k.shape == plain.shape == (1, 224, 224)
+    assert np.corrcoef(j2k.ravel(), plain.ravel())[0, 1] > 0.99
+    # mean absolute difference under 2 % of the tensor's spread (wavelet low-pass vs box filter)
+    assert float(np.abs(j2k - plain).mean()) < 0.02 * float(plain.max() - plain.min())
+
+
+def test_reduced_decode_falls_back_to_a_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    ds, _ = _codestream("RG1_J2KR.dcm")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("broken data stream")
+
+    monkeypatch.setattr(Image, "open", broken)
+    np.testing.assert_array_equal(decode_frame(ds, (224, 224)), ds.pixel_array)
+
+
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "JPEG2000.dcm", "US1_J2KR.dcm",
+                                  "RG1_UNCR.dcm"])
+def test_signed_colour_and_uncompressed_frames_decode_in_full(name: str) -> None:
+    ds = pydicom.dcmread(get_testdata_file(name))
+    full = decode_frame(ds)
+    np.testing.assert_array_equal(decode_frame(ds, (8, 8)), full)
