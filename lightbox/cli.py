@@ -3,62 +3,16 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from lightbox.commands.common import console, db_session, ensure_db, setup_logging, stop_on_signals
 from lightbox.output import print_rows, to_json
 from lightbox.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-# Wide enough for the findings table when output goes to a file or CI log.
-console = Console(width=None if sys.stdout.isatty() else 120)
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
-def _ensure_db(settings: Settings) -> None:
-    from db.migrate import upgrade
-
-    upgrade(settings.sqlalchemy_url)
-
-
-@contextmanager
-def _db_session() -> Iterator[Session]:
-    """A migrated database's session for one command; Lightbox errors become CLI errors."""
-    from db.session import session_scope
-    from lightbox.errors import LightboxError
-
-    settings = get_settings()
-    _ensure_db(settings)
-    try:
-        with session_scope(settings.sqlalchemy_url) as session:
-            yield session
-    except LightboxError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @click.group()
@@ -75,7 +29,7 @@ def db() -> None:
 def db_upgrade() -> None:
     """Create or migrate the schema to the newest revision."""
     settings = get_settings()
-    _ensure_db(settings)
+    ensure_db(settings)
     from db.migrate import current_revision
 
     console.print(f"database at revision {current_revision(settings.sqlalchemy_url)}")
@@ -91,8 +45,8 @@ def ingest(paths: tuple[Path, ...], move: bool) -> None:
     from scheduler.ingest_folder import ingest_paths, iter_files
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
+    setup_logging(settings)
+    ensure_db(settings)
     total = sum(1 for _ in iter_files(paths))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("ingesting", total=total)
@@ -108,9 +62,9 @@ def watch(directory: Path) -> None:
     from scheduler.ingest_folder import watch as run_watch
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
-    counts = run_watch(settings, directory, _stop_on_signals())
+    setup_logging(settings)
+    ensure_db(settings)
+    counts = run_watch(settings, directory, stop_on_signals())
     logging.getLogger("lightbox.watch").info("watch stopped: %s", dict(counts))
 
 
@@ -121,9 +75,9 @@ def scheduler() -> None:
     from scheduler.loop import run_scheduler
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
-    run_scheduler(settings, make_celery(settings), _stop_on_signals())
+    setup_logging(settings)
+    ensure_db(settings)
+    run_scheduler(settings, make_celery(settings), stop_on_signals())
 
 
 @main.command()
@@ -132,8 +86,8 @@ def worker() -> None:
     from worker.tasks import run_worker
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
+    setup_logging(settings)
+    ensure_db(settings)
     run_worker(settings, loglevel=settings.log_level.upper())
 
 
@@ -151,7 +105,7 @@ def results(study_uid: str | None, label: str | None, min_score: float | None,
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
-    with _db_session() as session:
+    with db_session() as session:
         rows = findings(session, study_uid=study_uid, label=label, min_score=min_score,
                         since=since, include_superseded=include_superseded)
     print_rows(console, rows, fmt)
@@ -179,7 +133,7 @@ def status(fmt: str, limit: int) -> None:
 
     from db.queries import status as query_status
 
-    with _db_session() as session:
+    with db_session() as session:
         report = query_status(session, limit=limit or None)
     report["queue_depth"] = queue_depth(get_settings())
     if fmt == "json":

@@ -68,6 +68,14 @@ def _env(settings: Settings) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A migrated data dir (SQLite) shared by one test module's trainer and registry tests."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("lightbox-data"))
+    upgrade(settings.sqlalchemy_url)
+    return settings
+
+
 @pytest.fixture(scope="session")
 def model_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One seed-CNN bundle trained (quickly) on synthetic data, shared by all tests."""

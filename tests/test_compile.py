@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from db.migrate import upgrade
 from lightbox.manifest import load_manifest
 from lightbox.settings import Settings
 from lightbox.trt_engine import tensorrt_available
@@ -23,13 +22,6 @@ from trainer.synthetic_dataset import synthetic_set
 from trainer.train import TrainResult, train_seed_cnn
 
 TRT_OK, TRT_REASON = tensorrt_available()
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lightbox-data"))
-    upgrade(settings.sqlalchemy_url)
-    return settings
 
 
 @pytest.fixture(scope="module")

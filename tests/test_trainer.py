@@ -11,7 +11,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from db.migrate import upgrade
 from db.models import ModelStage
 from db.registry import production_model, register_bundle
 from db.session import session_scope
@@ -23,13 +22,6 @@ from trainer.synthetic_dataset import synthetic_dataset
 from trainer.train import TrainResult, auroc, stratified_split, train_seed_cnn, youden_threshold
 
 IMAGES, EPOCHS, SEED = 320, 4, 0  # ~3 s of training on 2 cores; val AUROC ≈ 0.99
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lightbox-data"))
-    upgrade(settings.sqlalchemy_url)
-    return settings
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from db.migrate import upgrade
 from db.models import Finding, Job, JobState, ModelStage, Study
 from db.registry import list_models, register_bundle
 from db.session import session_scope
@@ -25,13 +24,6 @@ from trainer.architectures import GapClassifier, Scorer, build_network
 from trainer.export import PARITY_TOLERANCE, onnx_scores
 from trainer.synthetic_dataset import synthetic_set
 from trainer.train import TrainConfig, TrainResult, draft_manifest, train_model
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lightbox-data"))
-    upgrade(settings.sqlalchemy_url)
-    return settings
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from db.migrate import upgrade
 from lightbox.manifest import load_manifest
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
@@ -27,13 +26,6 @@ PATIENTS = 48
 @pytest.fixture(scope="module")
 def rsna_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_rsna_layout(tmp_path_factory.mktemp("rsna"), PATIENTS, seed=3, size=80)
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lightbox-data"))
-    upgrade(settings.sqlalchemy_url)
-    return settings
 
 
 def _csv_targets(root: Path) -> dict[str, list[int]]:

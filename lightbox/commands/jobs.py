@@ -3,30 +3,16 @@ scheduler's outbox sends every job these commands put back in the queue."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import click
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lightbox.commands.common import db_session
 from lightbox.output import to_json
 
 console = Console()
-
-
-@contextmanager
-def _session() -> Iterator[Session]:
-    from db.migrate import upgrade
-    from db.session import session_scope
-    from lightbox.settings import get_settings
-
-    url = get_settings().sqlalchemy_url
-    upgrade(url)
-    with session_scope(url) as session:
-        yield session
 
 
 def _job(session: Session, job_id: int):  # type: ignore[no-untyped-def]
@@ -52,7 +38,7 @@ def jobs_list(state: str | None, limit: int, fmt: str) -> None:
     """Newest jobs first, with attempts and the last error."""
     from db.models import Job, JobState, Study
 
-    with _session() as session:
+    with db_session() as session:
         query = (select(Job.id, Study.study_instance_uid, Job.state, Job.priority, Job.attempts,
                         Job.error_code, Job.error_detail)
                  .join(Study, Job.study_id == Study.id).order_by(Job.id.desc()).limit(limit))
@@ -79,7 +65,7 @@ def jobs_retry(job_id: int) -> None:
     """Put a failed, dead or cancelled job back in the queue with fresh attempts."""
     from db import jobs as job_states
 
-    with _session() as session:
+    with db_session() as session:
         job = _job(session, job_id)
         if not job_states.retry(session, job):
             raise click.ClickException(f"job {job_id} is {job.state.value}; only failed, dead or "
@@ -95,7 +81,7 @@ def jobs_requeue(dead: bool) -> None:
     from db import jobs as job_states
     from db.models import Job, JobState
 
-    with _session() as session:
+    with db_session() as session:
         rows = list(session.scalars(select(Job).where(Job.state == JobState.dead)
                                     .with_for_update()))
         count = sum(job_states.retry(session, job) for job in rows)
@@ -108,7 +94,7 @@ def jobs_cancel(job_id: int) -> None:
     """Cancel a job that has not finished (a running attempt's result is discarded)."""
     from db import jobs as job_states
 
-    with _session() as session:
+    with db_session() as session:
         job = _job(session, job_id)
         if not job_states.cancel(session, job):
             raise click.ClickException(f"job {job_id} is already {job.state.value}")

@@ -5,35 +5,16 @@ Thin shells: each reads settings, migrates the database, and calls its component
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from datetime import date, datetime
 
 import click
 from rich.console import Console
 
+from lightbox.commands.common import ensure_db, setup_logging, stop_on_signals
 from lightbox.output import to_json
-from lightbox.settings import Settings, get_settings
+from lightbox.settings import get_settings
 
 console = Console(stderr=True)
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _ensure_db(settings: Settings) -> None:
-    from db.migrate import upgrade
-
-    upgrade(settings.sqlalchemy_url)
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
 
 
 @click.command()
@@ -42,9 +23,9 @@ def scp() -> None:
     from scheduler.scp import run_scp
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
-    counts = run_scp(settings, _stop_on_signals())
+    setup_logging(settings)
+    ensure_db(settings)
+    counts = run_scp(settings, stop_on_signals())
     logging.getLogger("lightbox.scp").info("scp stopped: %s", counts)
 
 
@@ -56,8 +37,8 @@ def api() -> None:
     from scheduler.api import make_app
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
+    setup_logging(settings)
+    ensure_db(settings)
     if not settings.api_token:
         raise click.ClickException("set LIGHTBOX_API_TOKEN: the API never runs unauthenticated")
     uvicorn.run(make_app(settings), host=settings.api_host, port=settings.api_port,
@@ -88,8 +69,8 @@ def pull(since: str | None, until: str | None, modalities: tuple[str, ...],
     from scheduler.pull import PullError, StudyQuery, find_studies, retrieve_studies
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
+    setup_logging(settings)
+    ensure_db(settings)
     try:
         query = StudyQuery(since=_dicom_date(since) if since else None,
                            until=_dicom_date(until) if until else None,
@@ -117,9 +98,9 @@ def export(once: bool) -> None:
     from scheduler.export import export_pass, run_export
 
     settings = get_settings()
-    _setup_logging(settings)
-    _ensure_db(settings)
+    setup_logging(settings)
+    ensure_db(settings)
     if once:
         print(to_json(export_pass(settings)))
         return
-    run_export(settings, _stop_on_signals())
+    run_export(settings, stop_on_signals())

@@ -7,41 +7,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from lightbox.commands.common import console, db_session, ensure_db
 from lightbox.output import to_json
 from lightbox.settings import Settings, get_settings
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-console = Console(width=None if sys.stdout.isatty() else 120)
 TRAIN_EXTRA = "training needs the 'train' extra (pip install -e '.[train]')"
-
-
-def _ensure_db(settings: Settings) -> None:
-    from db.migrate import upgrade
-
-    upgrade(settings.sqlalchemy_url)
-
-
-@contextmanager
-def _db_session() -> Iterator[Session]:
-    """A migrated database's session for one command; Lightbox errors become CLI errors."""
-    from db.session import session_scope
-    from lightbox.errors import LightboxError
-
-    settings = get_settings()
-    _ensure_db(settings)
-    try:
-        with session_scope(settings.sqlalchemy_url) as session:
-            yield session
-    except LightboxError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 @contextmanager
@@ -105,7 +80,7 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
     from lightbox.errors import LightboxError
 
     settings = get_settings()
-    _ensure_db(settings)
+    ensure_db(settings)
     config = TrainConfig(
         name=name, architecture=architecture, input_size=size, epochs=epochs,
         batch_size=batch_size, learning_rate=lr, patience=patience, seed=seed,
@@ -145,7 +120,7 @@ def compile_command(bundle: Path, max_batch: int, calibration_images: int) -> No
     from lightbox.errors import LightboxError
 
     settings = get_settings()
-    _ensure_db(settings)
+    ensure_db(settings)
     try:
         with _progress() as report:
             result = compile_bundle(settings, bundle, max_batch=max_batch,
@@ -179,7 +154,7 @@ def models_list(fmt: str) -> None:
     """Every registered version with its stage and validation AUROC."""
     from db.registry import list_models
 
-    with _db_session() as session:
+    with db_session() as session:
         rows = [{"id": m.id, "name": m.name, "version": m.version, "stage": m.stage.value,
                  "architecture": m.manifest.get("architecture"),
                  "auroc": round(m.manifest.get("metrics", {}).get("auroc", float("nan")), 4),
@@ -203,7 +178,7 @@ def models_register(bundle: Path, promote: bool) -> None:
     """Register a bundle directory (its files are checked against the manifest's sha256)."""
     from db.registry import register_bundle
 
-    with _db_session() as session:
+    with db_session() as session:
         model = register_bundle(session, bundle.resolve(), promote=promote)
         console.print(f"registered {model.name} {model.version} ({model.stage.value})")
 
@@ -215,7 +190,7 @@ def models_show(name: str, version: str) -> None:
     """Print a registered version's manifest."""
     from db.registry import get_model
 
-    with _db_session() as session:
+    with db_session() as session:
         model = get_model(session, name, version)
         print(to_json({"id": model.id, "name": model.name, "version": model.version,
                        "stage": model.stage.value, "bundle": model.bundle_path,
@@ -229,7 +204,7 @@ def models_promote(name: str, version: str) -> None:
     """Make VERSION the production version of NAME (running workers need no restart)."""
     from db.registry import promote
 
-    with _db_session() as session:
+    with db_session() as session:
         promote(session, name, version)
     console.print(f"{name} {version} is now production")
 
@@ -241,6 +216,6 @@ def models_retire(name: str, version: str) -> None:
     """Take VERSION of NAME out of service."""
     from db.registry import retire
 
-    with _db_session() as session:
+    with db_session() as session:
         retire(session, name, version)
     console.print(f"{name} {version} is retired")
