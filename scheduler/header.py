@@ -9,6 +9,7 @@ quarantine it.
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from dataclasses import dataclass, field
@@ -74,19 +75,21 @@ def _tag_value(value: Any) -> Any:
 
 def _check_complete(ds: Dataset) -> None:
     """pydicom ends quietly where a file ends: an element whose value is shorter than its
-    declared length (at any depth) means the file was cut."""
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement):
-            if (elem.length != UNDEFINED_LENGTH and elem.value is not None
-                    and len(elem.value) < elem.length):
-                raise IngestError(
-                    f"file truncated: element {elem.tag} has {len(elem.value)} of "
-                    f"{elem.length} bytes"
-                )
-        elif elem is not None and elem.VR == "SQ":
-            for item in elem.value:
-                _check_complete(item)
+    declared length means the file was cut. A short read ends the stream, so only the last
+    element read, at any depth, can be cut short (a freshly read dataset keeps its elements
+    in reading order): checking it costs the same for 10 elements or 10,000."""
+    if len(ds) == 0:
+        return
+    elem = ds.get_item(next(reversed(ds.keys())))
+    if isinstance(elem, RawDataElement):
+        if (elem.length != UNDEFINED_LENGTH and elem.value is not None
+                and len(elem.value) < elem.length):
+            raise IngestError(
+                f"file truncated: element {elem.tag} has {len(elem.value)} of "
+                f"{elem.length} bytes"
+            )
+    elif elem is not None and elem.VR == "SQ" and elem.value:
+        _check_complete(elem.value[-1])
 
 
 def _needs_pixels(ds: Dataset) -> bool:
@@ -124,10 +127,11 @@ def _check_pixels(ds: Dataset) -> None:
         raise IngestError(f"encapsulated pixel data holds {count} of {frames} frames")
 
 
-def read_header(path: Path) -> Header:
-    """Parse ``path`` (pixel bytes read, not decoded) and return what registration needs."""
+def read_header(source: Path | bytes) -> Header:
+    """Parse a file, or a Part 10 byte stream already in memory (network receivers: no read
+    back from disk), pixel bytes read but not decoded, and return what registration needs."""
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except InvalidDicomError as exc:
         raise NotDicomError("not a DICOM Part 10 file (no 'DICM' prefix or file meta)") from exc
     except (*PARSE_ERRORS, MemoryError) as exc:
@@ -138,7 +142,8 @@ def read_header(path: Path) -> Header:
             raise IngestError("file meta has no TransferSyntaxUID")
         _check_complete(ds)
         _check_pixels(ds)
-        tags = {kw: _tag_value(ds.get(kw)) for kw in ROUTING_TAGS if ds.get(kw) not in (None, "")}
+        tags = {kw: _tag_value(value) for kw in ROUTING_TAGS
+                if (value := ds.get(kw)) not in (None, "")}
         return Header(
             study_instance_uid=_uid(ds, "StudyInstanceUID"),
             series_instance_uid=_uid(ds, "SeriesInstanceUID"),

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import logging
 import ssl
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import FileMetaDataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import OperationalError
@@ -39,14 +37,13 @@ from db.session import session_scope
 from lightbox.errors import ConfigurationError, IngestError
 from lightbox.settings import Settings
 from scheduler.register import Received, StorageFullError, register_file
-from scheduler.spool import Flushing, Spool, SpoolRegistrar, received, recover, spool_dir
+from scheduler.spool import Spool, SpoolRegistrar, received, recover, spool_dir
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
-GIL_SWITCH_SECONDS = 0.0005
 PRIORITY_HIGH = 0x0001  # C-STORE Priority: 0 medium, 1 high, 2 low
 # Never an allowed title (a space inside): see handle_requested.
 REJECTED_TITLE = "NOT ALLOWED"
@@ -123,88 +120,24 @@ def part10(meta: FileMetaDataset, dataset: bytes, calling: str, called: str) -> 
     return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), dataset))
 
 
-class Receiver:
-    """Starts spooling each C-STORE as soon as its last fragment has arrived.
-
-    pynetdicom hands a complete message to the C-STORE handler through a polling loop (about a
-    millisecond later); the bytes are already known when the message is complete
-    (``EVT_DIMSE_RECV``, in the association's network thread). Writing and flushing them from
-    there overlaps the disk flush with that dispatch; the handler then waits for the flush
-    and checks the header, and answers only once the bytes are durable. A message that never
-    reaches the handler (refused by pynetdicom itself) has its slot emptied when the
-    connection closes: it was never acknowledged."""
-
-    def __init__(self, settings: Settings, spool: Spool) -> None:
-        self.settings, self.spool = settings, spool
-        self._started: dict[tuple[int, int], tuple[bytes, Flushing | StorageFullError]] = {}
-        self._lock = threading.Lock()
-
-    def on_message(self, event: evt.Event) -> None:
-        message = event.message
-        if not isinstance(message, C_STORE_RQ) or message.data_set is None:
-            return
-        try:
-            command = message.command_set
-            context = next(cx for cx in event.assoc.accepted_contexts
-                           if cx.context_id == message.context_id)
-            meta = create_file_meta(sop_class_uid=command.AffectedSOPClassUID,
-                                    sop_instance_uid=command.AffectedSOPInstanceUID,
-                                    transfer_syntax=context.transfer_syntax[0])
-            data = part10(meta, message.data_set.getvalue(),
-                          event.assoc.requestor.ae_title.strip(), self.settings.scp_ae_title)
-            key = (id(event.assoc), int(command.MessageID))
-        except Exception:  # noqa: BLE001 - the C-STORE handler decides what to answer
-            return
-        try:
-            started: Flushing | StorageFullError = self.spool.write(
-                data, min_free_mb=self.settings.scp_min_free_mb)
-        except StorageFullError as exc:
-            started = exc
-        with self._lock:
-            self._started[key] = (data, started)
-
-    def take(self, event: evt.Event) -> tuple[bytes, Flushing]:
-        """The spooling started for this request (or started now). Raises
-        :class:`StorageFullError` when the bytes cannot be kept."""
-        key = (id(event.assoc), int(event.request.MessageID))
-        with self._lock:
-            entry = self._started.pop(key, None)
-        if entry is None:
-            data = part10(event.file_meta, event.encoded_dataset(include_meta=False),
-                          event.assoc.requestor.ae_title.strip(), self.settings.scp_ae_title)
-            return data, self.spool.write(data, min_free_mb=self.settings.scp_min_free_mb)
-        data, started = entry
-        if isinstance(started, StorageFullError):
-            raise started
-        return data, started
-
-    def on_close(self, event: evt.Event) -> None:
-        with self._lock:
-            keys = [k for k in self._started if k[0] == id(event.assoc)]
-            entries = [self._started.pop(k) for k in keys]
-        for _, started in entries:
-            if isinstance(started, Flushing):
-                started.discard()
-
-
-def handle_store(event: evt.Event, settings: Settings, receiver: Receiver,
+def handle_store(event: evt.Event, settings: Settings, spool: Spool,
                  registrar: SpoolRegistrar, counts: dict[str, int],
                  lock: threading.Lock) -> int:
-    """Check the header, make sure the bytes are durable in the spool, answer; registration
-    follows in :class:`~scheduler.spool.SpoolRegistrar` (rows come in batches, after the
-    reply)."""
+    """Write the bytes as received into the spool and start their flush, check the header
+    meanwhile, answer once they are durable; registration follows in
+    :class:`~scheduler.spool.SpoolRegistrar` (rows come in batches, after the reply)."""
     calling = event.assoc.requestor.ae_title.strip()
     source = f"scp:{calling}"[:32]
     try:
         try:
-            data, flushing = receiver.take(event)
-        except StorageFullError:
-            raise
+            data = part10(event.file_meta, event.encoded_dataset(include_meta=False),
+                          calling, settings.scp_ae_title)
         except Exception as exc:  # noqa: BLE001 - any unparseable request: "cannot understand"
             log.warning("C-STORE from %s: undecodable data set (%s)", calling,
                         type(exc).__name__)
             return _count(counts, lock, "quarantined", CANNOT_UNDERSTAND)
-        try:  # checked while the bytes are being flushed
+        flushing = spool.write(data, min_free_mb=settings.scp_min_free_mb)
+        try:  # checked in memory while the bytes are being flushed
             item: Received | None = received(flushing.slot, data, source)
         except IngestError:
             item = None
@@ -291,11 +224,8 @@ def start_scp(settings: Settings, *, counts: dict[str, int] | None = None) -> Sc
     recover(settings, spool)
     registrar = SpoolRegistrar(settings, spool, counts, lock)
     registrar.start()
-    receiver = Receiver(settings, spool)
     handlers: list[Any] = [
-        (evt.EVT_DIMSE_RECV, receiver.on_message),
-        (evt.EVT_C_STORE, handle_store, [settings, receiver, registrar, counts, lock]),
-        (evt.EVT_CONN_CLOSE, receiver.on_close),
+        (evt.EVT_C_STORE, handle_store, [settings, spool, registrar, counts, lock]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REQUESTED, handle_requested, [callers]),
     ]
@@ -311,10 +241,6 @@ def start_scp(settings: Settings, *, counts: dict[str, int] | None = None) -> Sc
 
 def run_scp(settings: Settings, stop: threading.Event) -> dict[str, int]:
     """Serve until ``stop`` is set; return counts by outcome."""
-    # Each C-STORE's latency decides the throughput (senders wait for every reply), and the
-    # network threads share the interpreter with the registrar's batches: hand the GIL over
-    # every 0.5 ms instead of 5 ms so a batch never holds a reply back for long.
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     counts: dict[str, int] = {}
     scp = start_scp(settings, counts=counts)
     try:

@@ -3,9 +3,9 @@
 A C-STORE success tells the sender it may forget the instance, so the bytes must be on disk
 before the reply; the database rows need not be. The SCP therefore writes each received
 instance once into a *slot* of the spool (``<storage>/.spool``, same filesystem as storage),
-flushes it, answers, and hands it to :class:`SpoolRegistrar`, which registers whatever has
-queued up in one transaction (:func:`scheduler.register.register_received`): files are
-hard-linked into storage, never copied, and rows for a whole batch cost one commit.
+flushes it, answers, and hands it to :class:`SpoolRegistrar`, a process of its own that
+registers whatever has queued up in one transaction (:func:`scheduler.register.register_received`):
+files are hard-linked into storage, never copied, and rows for a whole batch cost one commit.
 
 Why slots: a new file's name is only durable after an fsync of its directory, a second disk
 flush per instance. Slots are empty files created (and their directory flushed) ahead of time
@@ -17,13 +17,19 @@ acknowledged and fails the header checks, so it is quarantined with its reason.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
 import queue
 import shutil
+import signal
+import sys
 import threading
+import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +60,8 @@ BATCH_MAX = 256
 # (which would compete with the receiving side's flushes for the disk).
 BATCH_WINDOW_SECONDS = 0.25
 RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
+RESPAWN_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def spool_dir(settings: Settings) -> Path:
@@ -160,7 +168,7 @@ class Flushing:
 def received(slot: Path, data: bytes | None = None, source: str | None = None) -> Received:
     """Check a filled slot's header (raises :class:`IngestError`) and describe it. Without
     ``source`` (recovery), it is read back from the file meta (Sending AE Title)."""
-    header = read_header(slot)
+    header = read_header(data if data is not None else slot)
     if data is not None:
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
     else:
@@ -194,70 +202,143 @@ def recover(settings: Settings, spool: Spool) -> dict[str, int]:
     return counts
 
 
-class SpoolRegistrar(threading.Thread):
-    """Registers spooled instances in batches (one transaction each) while the SCP receives.
+class SpoolRegistrar:
+    """Registers spooled instances in batches (one transaction each) while the SCP receives,
+    in a process of its own.
+
+    Why a process: a sender waits for each C-STORE reply, so the SCP's throughput is the
+    latency of its network threads, and those are Python threads. Registration is Python
+    work too (SQLAlchemy, one commit per batch); in the same interpreter it would hold the
+    GIL the network threads wait for. In a spawned process it runs on another core, and the
+    SCP's side of a hand-over is one queue put (the already-checked :class:`Received`).
 
     Transient failures (database down, storage full) keep the batch and retry with backoff:
     the files stay in the spool, so nothing acknowledged is ever dropped. A batch that fails
     otherwise is retried one instance at a time; an instance that still fails is left in the
-    spool (logged by UID) and registered at the next start."""
+    spool (logged by UID) and registered at the next start. Should the process die, the
+    slots it held are registered at the next start too, and a new process takes over."""
 
     def __init__(self, settings: Settings, spool: Spool, counts: dict[str, int],
                  lock: threading.Lock) -> None:
-        super().__init__(name="spool-registrar", daemon=True)
         self.settings, self.spool, self.counts, self.lock = settings, spool, counts, lock
-        self.queue: queue.Queue[Received] = queue.Queue()
+        self._context = multiprocessing.get_context("spawn")  # no forked SCP threads
+        self._results: multiprocessing.Queue[dict[str, int]] = self._context.Queue()
+        self._items: multiprocessing.Queue[Received | None] = self._context.Queue()
+        self._process = self._spawn()
+        self._collector = threading.Thread(target=self._collect, name="spool-registrar",
+                                           daemon=True)
         self._stopping = threading.Event()
 
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        return self._context.Process(target=run_registrar, name="spool-registrar", daemon=True,
+                                     args=(self.settings, self._items, self._results,
+                                           os.getpid()))
+
+    def start(self) -> None:
+        self._process.start()
+        self._collector.start()
+
     def submit(self, item: Received) -> None:
-        self.queue.put(item)
+        self._items.put(item)
 
     def stop(self, timeout: float | None = None) -> None:
         """Register what is queued, then end."""
         self._stopping.set()
-        self.join(timeout)
+        self._items.put(None)
+        self._process.join(timeout)
+        self._collector.join(timeout)
 
-    def run(self) -> None:
-        pending: list[Received] = []
-        failures = 0
+    def _collect(self) -> None:
+        """Count the outcomes the process reports and refill the spool's free slots."""
         while True:
-            if not pending:
-                try:
-                    pending.append(self.queue.get(timeout=0.2))
-                except queue.Empty:
-                    if self._stopping.is_set():
-                        return
-                    continue
-                self._stopping.wait(BATCH_WINDOW_SECONDS)
-            while len(pending) < BATCH_MAX:
-                try:
-                    pending.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
             try:
-                self._register(pending)
-            except (OperationalError, OSError) as exc:
-                delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
-                failures += 1
-                log.error("registering %d spooled instances failed (%s); retry in %.1f s",
-                          len(pending), type(exc).__name__, delay)
-                if self._stopping.wait(delay) and failures > len(RETRY_SECONDS):
-                    return  # stopping: the spool keeps them for the next start
+                outcomes = self._results.get(timeout=0.5)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                if self._stopping.is_set():
+                    return
+                log.error("spool registrar process ended (exit code %s); starting a new one "
+                          "in %.0f s (its slots are registered at the next start)",
+                          self._process.exitcode, RESPAWN_SECONDS)
+                if self._stopping.wait(RESPAWN_SECONDS):
+                    return
+                self._process = self._spawn()
+                self._process.start()
                 continue
-            except Exception:  # noqa: BLE001 - isolate the instance at fault, keep the rest
-                log.exception("batch of %d failed; registering one at a time", len(pending))
-                for item in pending:
-                    try:
-                        self._register([item])
-                    except Exception:  # noqa: BLE001 - left in the spool for the next start
-                        log.exception("spooled %s not registered (kept in the spool)",
-                                      item.header.sop_instance_uid)
-            pending, failures = [], 0
+            with self.lock:
+                for key, count in outcomes.items():
+                    self.counts[key] = self.counts.get(key, 0) + count
             self.spool.refill()
 
-    def _register(self, items: list[Received]) -> None:
-        results = register_received(self.settings, items)
-        with self.lock:
-            for result in results:
-                key = result.outcome.value
-                self.counts[key] = self.counts.get(key, 0) + 1
+
+def _die_with_parent(parent: int) -> None:
+    """A registrar outliving a killed SCP would race the next SCP's recovery for the same
+    slots: on Linux the kernel kills it with its parent (PR_SET_PDEATHSIG); elsewhere the
+    batch loop checks its parent."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # gone before prctl took effect
+        os._exit(0)
+
+
+def run_registrar(settings: Settings, items: multiprocessing.Queue[Received | None],
+                  results: multiprocessing.Queue[dict[str, int]], parent: int) -> None:
+    """The registrar process: batches of what the SCP queued, until ``None`` arrives."""
+    from lightbox.commands.common import setup_logging
+
+    _die_with_parent(parent)
+    setup_logging(settings)
+    pending: list[Received] = []
+    stopping = False
+    failures = 0
+    while pending or not stopping:
+        if os.getppid() != parent:
+            os._exit(0)  # the SCP was killed: its next start registers the spool
+        if not pending:
+            try:
+                first = items.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if first is None:
+                stopping = True
+                continue
+            pending.append(first)
+            time.sleep(BATCH_WINDOW_SECONDS)
+        while len(pending) < BATCH_MAX:
+            try:
+                item = items.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stopping = True
+                break
+            pending.append(item)
+        try:
+            results.put(_register(settings, pending))
+        except (OperationalError, OSError) as exc:
+            delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
+            failures += 1
+            log.error("registering %d spooled instances failed (%s); retry in %.1f s",
+                      len(pending), type(exc).__name__, delay)
+            if stopping and failures > len(RETRY_SECONDS):
+                return  # stopping: the spool keeps them for the next start
+            time.sleep(delay)
+            continue
+        except Exception:  # noqa: BLE001 - isolate the instance at fault, keep the rest
+            log.exception("batch of %d failed; registering one at a time", len(pending))
+            for single in pending:
+                try:
+                    results.put(_register(settings, [single]))
+                except Exception:  # noqa: BLE001 - left in the spool for the next start
+                    log.exception("spooled %s not registered (kept in the spool)",
+                                  single.header.sop_instance_uid)
+        pending, failures = [], 0
+
+
+def _register(settings: Settings, items: list[Received]) -> dict[str, int]:
+    outcomes: dict[str, int] = {}
+    for result in register_received(settings, items):
+        outcomes[result.outcome.value] = outcomes.get(result.outcome.value, 0) + 1
+    return outcomes

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -197,3 +198,38 @@ def test_allowed_callers_must_be_configured() -> None:
         parse_callers("A_TITLE_LONGER_THAN_16")
     assert parse_callers(" PACS , CT1@10.0.0.7 ") == [Caller("PACS"), Caller("CT1", "10.0.0.7")]
     assert parse_callers("*") is None
+
+
+def _registrar(port: int) -> psutil.Process:
+    """The spool registrar: the spawned child of the `lightbox scp` listening on ``port``."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "scp" in cmdline and "lightbox.cli" in " ".join(cmdline):
+            try:
+                if proc.environ().get("LIGHTBOX_SCP_PORT") != str(port):
+                    continue
+            except psutil.Error:
+                continue
+            children = [c for c in proc.children() if "spawn_main" in " ".join(c.cmdline())]
+            if children:
+                return children[0]
+    raise AssertionError(f"no registrar process for the SCP on port {port}")
+
+
+def test_killed_registrar_process_is_replaced(sqlite_backend: Backend, tmp_path: Path) -> None:
+    """Registration runs in a process of its own; if it dies, a new one takes over and the
+    SCP goes on acknowledging and registering."""
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log") as port:
+        first = _registrar(port)
+        first.kill()
+        first.wait(10)
+        uids = set()
+        for _ in range(3):
+            ct.SOPInstanceUID = pydicom.uid.generate_uid()
+            assert _store(port, ct) == 0x0000
+            uids.add(str(ct.SOPInstanceUID))
+        _wait_instances(sqlite_backend, uids)
+        second = _registrar(port)
+        assert second.pid != first.pid and second.is_running()
+    assert "spool registrar process ended" in (tmp_path / "scp.log").read_text()
