@@ -289,10 +289,6 @@ def run_registrar(settings: Settings, items: multiprocessing.Queue[Received | No
     from lightbox.commands.common import setup_logging
 
     _die_with_parent(parent)
-    # Ctrl-C and systemd's stop signal reach the whole group: the SCP drives the shutdown
-    # (stop() drains the queue), so the registrar must not end halfway on its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(settings)
     pending: list[Received] = []
     stopping = False
