@@ -156,14 +156,6 @@ class Flushing:
         os.close(self._fd)
         return self.slot
 
-    def discard(self) -> None:
-        """Never acknowledged: empty the slot and give it back."""
-        try:
-            self._flushed.result()
-        except OSError:
-            pass
-        self.spool._release(self._fd, self.slot)
-
 
 def received(slot: Path, data: bytes | None = None, source: str | None = None) -> Received:
     """Check a filled slot's header (raises :class:`IngestError`) and describe it. Without
