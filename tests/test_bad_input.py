@@ -27,21 +27,15 @@ from scheduler.header import read_header
 from scheduler.ingest_folder import ingest_paths
 from scheduler.register import Outcome, register_file
 from tests.conftest import Backend
+from tests.test_ingest import PYDICOM_FILES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 # pydicom-data's files (larger and more broken ones), found where pydicom finds them.
 PYDICOM_DATA_FILES = Path(get_testdata_file("bad_sequence.dcm") or "").parent
-# pydicom's deliberately broken files that must never be registered, with the reason's gist.
-BROKEN = {
-    "no_meta.dcm": "not a DICOM Part 10 file",
-    "meta_missing_tsyntax.dcm": "no TransferSyntaxUID",
-    "MR_truncated.dcm": "truncated",
-    "rtplan_truncated.dcm": "truncated",
-    "badVR.dcm": "malformed DICOM element",
-    "bad_sequence.dcm": "invalid StudyInstanceUID",
-    "emri_small_jpeg_2k_lossless_too_short.dcm": "missing StudyInstanceUID",
-}
+# pydicom's deliberately broken files that must never be registered, with the reason's gist:
+# the table test_ingest keeps (with why each is refused), less the files it registers.
+BROKEN = {name: gist for name, gist in PYDICOM_FILES.items() if gist is not None}
 MAX_SIZE = 4 << 20  # keep the test quick: skip pydicom-data's few very large files
 
 
