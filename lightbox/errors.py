@@ -8,7 +8,8 @@
     ├── ManifestError             a model bundle that is incomplete or altered
     ├── ModelNotFoundError        no such model / no production version
     ├── RuntimeUnavailableError   the chosen model runtime cannot run on this node
-    │   └── TensorRTUnavailable   TensorRT or a CUDA device is missing (the reason says which)
+    │   ├── TensorRTUnavailable   TensorRT or a CUDA device is missing (the reason says which)
+    │   └── EngineBuildError      TensorRT is here but cannot build an engine for this model
     └── JobStateError             a job transition that is not allowed
 """
 
@@ -51,6 +52,14 @@ class RuntimeUnavailableError(LightboxError):
 
 class TensorRTUnavailable(RuntimeUnavailableError):
     code = "tensorrt_unavailable"
+
+
+class EngineBuildError(RuntimeUnavailableError):
+    """The TensorRT parser or builder failed for one model (an unsupported operator, no engine
+    returned, out of GPU memory). One type for every way a build fails, so callers catch this
+    instead of whatever TensorRT or pycuda raised (that stays chained as ``__cause__``)."""
+
+    code = "engine_build"
 
 
 class JobStateError(LightboxError):

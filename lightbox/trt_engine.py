@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lightbox.errors import TensorRTUnavailable
+from lightbox.errors import EngineBuildError, TensorRTUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +151,51 @@ def build_engine(
     The input's batch dimension gets one optimization profile: min 1, opt and max
     ``max_batch`` (the worker's batcher aims for full batches, so tune for them). ``fp16`` and
     ``int8`` are requested only when the GPU has fast kernels for them; ``int8`` needs
-    calibration data (or an existing calibration cache)."""
+    calibration data (or an existing calibration cache).
+
+    Raises :class:`TensorRTUnavailable` when TensorRT cannot be used at all, ``ValueError`` for
+    ``int8`` without calibration data, and :class:`EngineBuildError` for every failure of the
+    build itself, so the worker can fall back to ONNX Runtime for this one model."""
     ok, reason = tensorrt_available()
     if not ok:
         raise TensorRTUnavailable(reason)
+    if precision == "int8" and calibration_batches is None and not (
+            calibration_cache and calibration_cache.is_file()):
+        raise ValueError("int8 needs calibration_batches or an existing calibration_cache")
+    try:
+        serialized = _serialized_engine(Path(onnx_path), precision, max_batch, input_name,
+                                        input_shape, calibration_batches, calibration_cache)
+        engine_path = Path(engine_path)
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(engine_path, serialized)
+    except EngineBuildError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - wrapped, not swallowed: see below
+        # TensorRT (pybind11: RuntimeError, ValueError, MemoryError; AttributeError when its
+        # API moved), pycuda (pycuda.driver.Error) and the file system (OSError) have no
+        # common base; the cause stays chained and its type is named in the message.
+        raise EngineBuildError(f"building a TensorRT {precision} engine from "
+                               f"{Path(onnx_path).name} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    log.info("built TensorRT %s engine %s (max batch %d)", precision, engine_path.name, max_batch)
+    return engine_path
+
+
+def _serialized_engine(
+    onnx_path: Path, precision: Precision, max_batch: int, input_name: str,
+    input_shape: tuple[int, int, int], calibration_batches: Iterable[np.ndarray] | None,
+    calibration_cache: Path | None,
+) -> bytes:
+    """Parse, configure and build; the bytes of the serialized engine."""
     import tensorrt as trt
 
     trt_log = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_log)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, trt_log)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TensorRTUnavailable(f"TensorRT cannot parse {Path(onnx_path).name}: {errors}")
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     profile = builder.create_optimization_profile()
@@ -174,17 +206,12 @@ def build_engine(
     if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
-        if calibration_batches is None and not (calibration_cache and calibration_cache.is_file()):
-            raise ValueError("int8 needs calibration_batches or an existing calibration_cache")
         config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = _calibrator(calibration_batches or [], calibration_cache,
                                              input_name)
         config.set_calibration_profile(profile)
     serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise TensorRTUnavailable(f"TensorRT failed to build an engine from {onnx_path}")
-    engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(engine_path, bytes(serialized))
-    log.info("built TensorRT %s engine %s (max batch %d)", precision, engine_path.name, max_batch)
-    return engine_path
+    if serialized is None:  # the builder's reason went to the TensorRT logger (WARNING+)
+        raise EngineBuildError(f"TensorRT returned no engine for {onnx_path.name} "
+                               f"(see the TensorRT log above)")
+    return bytes(serialized)

@@ -1,8 +1,10 @@
 """TensorRTRuntime's own logic against a stand-in GPU (fake ``tensorrt`` and ``pycuda``
 modules — mocks are for the GPU only): lazy CUDA context in the thread that infers, the
-tensor-name API, page-locked staging buffers, chunking above the profile's max batch, and a
-rebuild when an engine does not deserialize. The real TensorRT calls are exercised in
-tests/test_runtime_tensorrt.py where TensorRT imports."""
+tensor-name API, page-locked staging buffers, chunking above the profile's max batch, a
+rebuild when an engine does not deserialize, and ``load_runtime`` when the stand-in's builder
+cannot build an engine: ONNX Runtime for that model under ``auto``, a clear error under an
+explicit ``tensorrt``. The real TensorRT calls are exercised in tests/test_runtime_tensorrt.py
+where TensorRT imports."""
 
 from __future__ import annotations
 
@@ -13,9 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
+from lightbox.errors import EngineBuildError
+from lightbox.manifest import Manifest, write_bundle_manifest
+from lightbox.settings import Settings
+from worker.model_cache import ModelCache
+from worker.runtime import load_runtime
+from worker.runtime_onnx import OnnxRuntime
 from worker.runtime_tensorrt import TensorRTRuntime
+
+
+class FakeCudaError(Exception):
+    """Stands for ``pycuda.driver.Error``, which derives from nothing TensorRT raises."""
+
+
+class FakeCudaMemoryError(FakeCudaError):
+    """Stands for ``pycuda.driver.MemoryError`` (out of GPU memory)."""
 
 
 class FakeGpu:
@@ -28,6 +46,11 @@ class FakeGpu:
         self.input_shapes: list[tuple[int, ...]] = []
         self.addresses: dict[str, int] = {}
         self.unpinned_copies = 0
+        self.popped = 0
+        # What the builder does: "ok" (an engine), "unsupported operator" (the ONNX parser
+        # fails), "no engine" (build_serialized_network returns None), or an exception to raise.
+        self.build: object = "ok"
+        self.builds = 0
 
     def is_pinned(self, array: np.ndarray) -> bool:
         base = array
@@ -113,14 +136,60 @@ class FakeGpu:
                 gpu.pushed_in.append(threading.get_ident())
 
             def pop(self) -> None:
-                pass
+                gpu.popped += 1
 
         class Device:
             def __init__(self, index: int) -> None:
                 pass
 
+            @staticmethod
+            def count() -> int:
+                return 1
+
+            def name(self) -> str:
+                return "NVIDIA H200"
+
+            def compute_capability(self) -> tuple[int, int]:
+                return (9, 0)
+
             def retain_primary_context(self) -> PrimaryContext:
                 return PrimaryContext()
+
+        class OnnxParser:
+            num_errors = 1
+
+            def __init__(self, network: Any, logger: Logger) -> None:
+                pass
+
+            def parse(self, data: bytes) -> bool:
+                assert data.startswith(b"\x08")  # the bundle's real ONNX (ir_version field)
+                return gpu.build != "unsupported operator"
+
+            def get_error(self, index: int) -> str:
+                return "node ReduceMean: unsupported operator"
+
+        class Builder:
+            platform_has_fast_fp16 = True
+
+            def __init__(self, logger: Logger) -> None:
+                pass
+
+            def create_network(self, flags: int) -> object:
+                return object()
+
+            def create_builder_config(self) -> Any:
+                return types.SimpleNamespace(set_memory_pool_limit=lambda *a: None,
+                                             add_optimization_profile=lambda p: None,
+                                             set_flag=lambda flag: None)
+
+            def create_optimization_profile(self) -> Any:
+                return types.SimpleNamespace(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network: Any, config: Any) -> bytes | None:
+                gpu.builds += 1
+                if isinstance(gpu.build, Exception):
+                    raise gpu.build
+                return b"good engine" if gpu.build == "ok" else None
 
         def pagelocked_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
             array = np.empty(shape, dtype)
@@ -137,11 +206,16 @@ class FakeGpu:
             host.view(np.uint8).reshape(-1)[:] = gpu.memory[int(device)][: host.nbytes]
 
         cuda.init = lambda: None  # type: ignore[attr-defined]
+        cuda.Error, cuda.MemoryError = FakeCudaError, FakeCudaMemoryError  # type: ignore[attr-defined]
         cuda.Device = Device  # type: ignore[attr-defined]
         cuda.pagelocked_empty = pagelocked_empty  # type: ignore[attr-defined]
         cuda.mem_alloc = Buffer  # type: ignore[attr-defined]
         cuda.memcpy_htod_async, cuda.memcpy_dtoh_async = htod, dtoh  # type: ignore[attr-defined]
         cuda.Stream = lambda: types.SimpleNamespace(handle=1, synchronize=lambda: None)  # type: ignore[attr-defined]
+        trt.Builder, trt.OnnxParser = Builder, OnnxParser  # type: ignore[attr-defined]
+        trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)  # type: ignore[attr-defined]
+        trt.BuilderFlag = types.SimpleNamespace(FP16=1, INT8=2)  # type: ignore[attr-defined]
+        trt.__version__ = "10.3.0"  # type: ignore[attr-defined]
         return {"tensorrt": trt, "pycuda": pycuda, "pycuda.driver": cuda}
 
 
@@ -190,3 +264,138 @@ def test_engine_that_does_not_deserialize_is_rebuilt_once(gpu: FakeGpu, tmp_path
     out = runtime.infer(np.ones((2, 1, 4, 4), np.float32))
     assert rebuilds == [1] and runtime.engine_path == fresh
     np.testing.assert_allclose(out["scores"].reshape(-1), [1.0, 1.0])
+
+
+def _bundle(directory: Path) -> Path:
+    """A real ONNX model computing what the stand-in engine computes (the mean of each 1×4×4
+    image, as ``scores`` shaped (N, 1)), in a bundle with a manifest."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 4, 4])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 1])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["image"], ["mean"], axes=[1, 2, 3], keepdims=1),
+         helper.make_node("Flatten", ["mean"], ["scores"], axis=1)],
+        "mean", [image], [scores])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    directory.mkdir(parents=True)
+    onnx.save(model, str(directory / "model.onnx"))
+    write_bundle_manifest(directory, Manifest(
+        name="chest", version="3", architecture="t", input={"height": 4, "width": 4},
+        preprocessing={}, labels=["p"], thresholds={"p": 0.5}))
+    return directory
+
+
+def _settings(tmp_path: Path, runtime: str) -> Settings:
+    return Settings(data_dir=tmp_path / "data", runtime=runtime, trt_precision="fp32",
+                    batch_max_size=8, onnx_threads=1)
+
+
+BATCH = np.random.default_rng(1).normal(size=(5, 1, 4, 4)).astype(np.float32)
+BUILD_FAILURES = {
+    "unsupported operator": ("unsupported operator", "cannot parse model.onnx"),
+    "no engine": ("no engine", "returned no engine"),
+    "out of GPU memory": (FakeCudaMemoryError("cuMemAlloc failed: out of memory"),
+                          "FakeCudaMemoryError: cuMemAlloc failed: out of memory"),
+}
+
+
+def _fallback_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "worker.runtime" and r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("build, reason", BUILD_FAILURES.values(), ids=BUILD_FAILURES.keys())
+def test_auto_runs_onnxruntime_when_the_engine_cannot_be_built(
+        gpu: FakeGpu, tmp_path: Path, caplog: pytest.LogCaptureFixture, build: object,
+        reason: str) -> None:
+    bundle = _bundle(tmp_path / "bundle")
+    gpu.build = build
+    with caplog.at_level("ERROR", logger="worker.runtime"):
+        runtime = load_runtime("tensorrt", bundle, _settings(tmp_path, "auto"))
+    assert gpu.builds == (0 if build == "unsupported operator" else 1)  # it really tried
+    assert isinstance(runtime, OnnxRuntime) and runtime.name == "onnxruntime"
+    assert runtime.session.get_session_options().intra_op_num_threads == 1  # onnx_threads
+    np.testing.assert_array_equal(runtime.infer(BATCH)["scores"],
+                                  OnnxRuntime(bundle / "model.onnx", threads=1)
+                                  .infer(BATCH)["scores"])
+    [message] = _fallback_errors(caplog)
+    assert "model chest 3" in message and "EngineBuildError" in message and reason in message
+    assert "ONNX Runtime" in message
+    assert not list((tmp_path / "data" / "engines").rglob("*.plan"))  # nothing half-written
+
+
+@pytest.mark.parametrize("build, reason", BUILD_FAILURES.values(), ids=BUILD_FAILURES.keys())
+def test_explicit_tensorrt_raises_when_the_engine_cannot_be_built(
+        gpu: FakeGpu, tmp_path: Path, caplog: pytest.LogCaptureFixture, build: object,
+        reason: str) -> None:
+    bundle = _bundle(tmp_path / "bundle")
+    gpu.build = build
+    with pytest.raises(EngineBuildError) as raised:
+        load_runtime("tensorrt", bundle, _settings(tmp_path, "tensorrt"))
+    message = str(raised.value)
+    assert "TensorRT engine for model chest 3 could not be built" in message
+    assert reason in message and "LIGHTBOX_RUNTIME=tensorrt" in message
+    assert isinstance(raised.value.__cause__, EngineBuildError)  # what build_engine raised
+    if isinstance(build, Exception):  # TensorRT's or pycuda's own error stays chained
+        assert raised.value.__cause__.__cause__ is build
+    assert not _fallback_errors(caplog)
+
+
+def test_auto_with_an_engine_that_builds_stays_on_tensorrt(gpu: FakeGpu, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    bundle = _bundle(tmp_path / "bundle")
+    settings = _settings(tmp_path, "auto")
+    runtime = load_runtime("tensorrt", bundle, settings)
+    assert isinstance(runtime, TensorRTRuntime) and runtime.name == "tensorrt"
+    assert gpu.builds == 1 and runtime.engine_path.read_bytes() == b"good engine"
+    assert runtime.engine_path.name == "engine_fp32_NVIDIA-H200_sm90_trt10.3.0.plan"
+    got = runtime.infer(BATCH)["scores"]
+    np.testing.assert_allclose(got, OnnxRuntime(bundle / "model.onnx").infer(BATCH)["scores"],
+                               rtol=1e-5)
+    assert runtime.name == "tensorrt" and gpu.pushed_in  # ran on the (stand-in) GPU
+    assert not _fallback_errors(caplog)
+    cache = ModelCache(settings, "tensorrt")
+    cache.get(1, str(bundle))
+    assert cache.runtime_report() == "tensorrt" and gpu.builds == 1  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("configured", ["auto", "tensorrt"])
+def test_engine_that_cannot_be_loaded_or_rebuilt_at_first_batch(
+        gpu: FakeGpu, tmp_path: Path, caplog: pytest.LogCaptureFixture, configured: str) -> None:
+    """A cached engine that does not deserialize (truncated) and whose rebuild fails: under
+    ``auto`` the first batch already runs on ONNX Runtime, and the runtime says so."""
+    bundle = _bundle(tmp_path / "bundle")
+    settings = _settings(tmp_path, configured)
+    engine = load_runtime("tensorrt", bundle, settings).engine_path  # type: ignore[attr-defined]
+    engine.write_bytes(b"truncated")
+    gpu.build = "no engine"
+    runtime = load_runtime("tensorrt", bundle, settings)
+    assert isinstance(runtime, TensorRTRuntime)  # the cached engine looked fine on disk
+    if configured == "tensorrt":
+        with pytest.raises(EngineBuildError, match="returned no engine"):
+            runtime.infer(BATCH)
+        assert runtime.name == "tensorrt" and not _fallback_errors(caplog)
+    else:
+        with caplog.at_level("ERROR", logger="worker.runtime"):
+            got = runtime.infer(BATCH)["scores"]
+        np.testing.assert_array_equal(
+            got, OnnxRuntime(bundle / "model.onnx", threads=1).infer(BATCH)["scores"])
+        assert runtime.name == "onnxruntime"
+        [message] = _fallback_errors(caplog)
+        assert "model chest 3" in message and "returned no engine" in message
+        runtime.infer(BATCH[:2])
+    assert gpu.builds == 2  # the first load, then the one rebuild attempt
+    assert gpu.popped == len(gpu.pushed_in) == 1  # the CUDA context was released
+
+
+def test_worker_row_reports_a_model_that_fell_back(gpu: FakeGpu, tmp_path: Path) -> None:
+    """``lightbox status`` shows each worker's runtime from its row; a model on ONNX Runtime
+    in a TensorRT worker must show there."""
+    settings = _settings(tmp_path, "auto")
+    cache = ModelCache(settings, "tensorrt")
+    assert cache.runtime_report() == "tensorrt"  # nothing loaded yet
+    gpu.build = "unsupported operator"
+    loaded = cache.get(1, str(_bundle(tmp_path / "bundle")))
+    assert loaded.runtime.name == "onnxruntime"
+    assert cache.runtime_report() == "tensorrt+onnxruntime"

@@ -139,7 +139,8 @@ def quantize_int8(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
 
 def build_engines(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
                   max_batch: int) -> dict[str, dict[str, object]]:
-    """FP16 and INT8 TensorRT engines for this node's GPU (raises TensorRTUnavailable)."""
+    """FP16 and INT8 TensorRT engines for this node's GPU (raises TensorRTUnavailable or
+    EngineBuildError)."""
     from lightbox import trt_engine
 
     identity = trt_engine.current_identity()

@@ -42,3 +42,12 @@ class ModelCache:
                 runtime = self._loader(self.runtime_kind, bundle, self.settings)
                 loaded = self._models[model_id] = LoadedModel(model_id, manifest, runtime)
             return loaded
+
+    def runtime_report(self) -> str:
+        """The runtime this process serves models on, for its ``workers`` row (``lightbox
+        status``): the chosen one, plus any other a model ended up on, e.g.
+        ``tensorrt+onnxruntime`` when one model's TensorRT engine could not be built here."""
+        # Not under self._lock: a TensorRT build holds it for minutes and the worker row would
+        # look stale meanwhile. dict.copy() is atomic under the GIL.
+        used = {model.runtime.name for model in self._models.copy().values()}
+        return "+".join([self.runtime_kind, *sorted(used - {self.runtime_kind})])

@@ -11,6 +11,9 @@
   buffers bound once, asynchronous copies and the launch on one stream, one synchronize.
 - An engine that does not deserialize (built for another GPU/TensorRT despite its name, or
   truncated) is rebuilt once through the engine cache instead of failing the job.
+- If that still gives no engine (the rebuild fails too), ``fallback`` — given only when the
+  runtime was chosen automatically — supplies another runtime (ONNX Runtime) that answers this
+  and every later call; ``name`` then reports that runtime.
 """
 
 from __future__ import annotations
@@ -18,26 +21,38 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightbox.errors import TensorRTUnavailable
+from lightbox.errors import RuntimeUnavailableError, TensorRTUnavailable
+
+if TYPE_CHECKING:
+    from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
+
+# "This node cannot build or load the engine": the project's own errors (EngineBuildError from
+# the builder, TensorRTUnavailable from a missing import or an engine that does not
+# deserialize) and OSError from the engine cache's files (a full or read-only disk).
+ENGINE_FAILURES: tuple[type[Exception], ...] = (RuntimeUnavailableError, OSError)
 
 
 class TensorRTRuntime:
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, *, input_name: str, max_batch: int, device: int = 0,
-                 rebuild: Callable[[], Path] | None = None) -> None:
+                 rebuild: Callable[[], Path] | None = None,
+                 fallback: Callable[[Exception], ModelRuntime] | None = None) -> None:
         self.engine_path = Path(engine_path)
         self.input_name = input_name
         self.max_batch = max_batch
         self.device = device
         self._rebuild = rebuild
+        self._fallback = fallback
+        self._replacement: ModelRuntime | None = None
         self._ready = False
+        self._context_pushed = False
         self._io: dict[str, tuple[Any, Any]] = {}  # name -> (pagelocked host, device buffer)
         self._outputs: list[str] = []
 
@@ -64,6 +79,7 @@ class TensorRTRuntime:
         self._cuda = cuda
         self._context_handle = cuda.Device(self.device).retain_primary_context()
         self._context_handle.push()
+        self._context_pushed = True
         engine = self._deserialize(trt)
         self.engine = engine
         self.context = engine.create_execution_context()
@@ -104,8 +120,18 @@ class TensorRTRuntime:
         return {name: self._io[name][0][:n].reshape(shapes[name]).copy() for name in self._outputs}
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self._replacement is not None:
+            return self._replacement.infer(batch)
         if not self._ready:
-            self._setup()
+            try:
+                self._setup()
+            except ENGINE_FAILURES as exc:
+                self._pop_context()  # a later call (or the fallback) starts clean
+                if self._fallback is None:
+                    raise
+                self._replacement = self._fallback(exc)
+                self.name = self._replacement.name
+                return self._replacement.infer(batch)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         chunks = [self._run_chunk(batch[i : i + self.max_batch])
                   for i in range(0, batch.shape[0], self.max_batch)]
@@ -113,8 +139,13 @@ class TensorRTRuntime:
             return chunks[0]
         return {name: np.concatenate([c[name] for c in chunks]) for name in self._outputs}
 
+    def _pop_context(self) -> None:
+        if self._context_pushed:
+            self._context_handle.pop()
+            self._context_pushed = False
+
     def close(self) -> None:
         if self._ready:
             self._io.clear()
-            self._context_handle.pop()
+            self._pop_context()
             self._ready = False

@@ -77,15 +77,15 @@ def run_worker(settings: Settings | None = None, loglevel: str = "INFO") -> None
 
     def presence() -> None:
         while not stop.wait(settings.worker_heartbeat_seconds):
-            try:
-                _touch_worker(settings, runtime_kind)
+            try:  # the report changes when a model falls back to another runtime
+                _touch_worker(settings, pipeline.cache.runtime_report())
             except Exception:  # noqa: BLE001 - presence is advisory
                 log.warning("worker presence update failed", exc_info=True)
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
         pipeline.warm_up()
-        _touch_worker(settings, runtime_kind)
+        _touch_worker(settings, pipeline.cache.runtime_report())
         threading.Thread(target=presence, name="presence", daemon=True).start()
         log.info("worker ready: runtime %s, %d job(s) in flight, batches of up to %d "
                  "(wait %.0f ms), %d decode process(es)", runtime_kind,
