@@ -15,8 +15,9 @@ from lightbox.manifest import Manifest, PreprocessSpec
 from lightbox.pixels import decode_frame, read_dataset, to_display
 
 # Bumped whenever prepare_file's output changes for the same file and manifest, so caches of
-# prepared arrays (the trainer's) can key on it. 2: JPEG 2000 decoded at reduced resolution.
-PREPARE_VERSION = 2
+# prepared arrays (the trainer's) can key on it. 2: JPEG 2000 decoded at reduced resolution;
+# 3: other frames block-averaged before the window (lightbox.pixels.block_mean).
+PREPARE_VERSION = 3
 
 _FILTERS = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR}
 
@@ -48,7 +49,8 @@ def prepare(display: np.ndarray, manifest: Manifest) -> np.ndarray:
 def prepare_file(path: Path | str, manifest: Manifest) -> np.ndarray:
     """Read, decode, convert and prepare one DICOM file for ``manifest``'s model."""
     ds = read_dataset(path)
-    # Only as many pixels as the model input needs (JPEG 2000 resolution levels): the trainer
-    # and the worker both come through here, so both see exactly the same tensors.
+    # Only as many pixels as the model input needs (JPEG 2000 resolution levels, or block
+    # means of other frames): the trainer and the worker both come through here, so both see
+    # exactly the same tensors.
     shape = (manifest.input.height, manifest.input.width)
     return prepare(to_display(decode_frame(ds, shape), ds, manifest.preprocessing), manifest)

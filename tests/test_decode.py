@@ -13,7 +13,13 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from lightbox.errors import PixelDecodeError
 from lightbox.manifest import PreprocessSpec, load_manifest
-from lightbox.pixels import _stored_extremes, decode_frame, linear_window, to_display
+from lightbox.pixels import (
+    _stored_extremes,
+    block_mean,
+    decode_frame,
+    linear_window,
+    to_display,
+)
 from lightbox.preprocess import prepare_file
 from worker.decode_pool import DecodePool
 
@@ -146,6 +152,7 @@ def test_prepared_jpeg2000_matches_the_uncompressed_original_through_the_window(
 
 
 def test_reduced_decode_falls_back_to_a_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing JPEG 2000 shortcut decodes in full, then averages blocks like any frame."""
     from PIL import Image
 
     ds, _ = _codestream("RG1_J2KR.dcm")
@@ -154,12 +161,34 @@ def test_reduced_decode_falls_back_to_a_full_decode(monkeypatch: pytest.MonkeyPa
         raise OSError("broken data stream")
 
     monkeypatch.setattr(Image, "open", broken)
+    np.testing.assert_array_equal(decode_frame(ds, (224, 224)),
+                                  block_mean(ds.pixel_array, 224, 224))
+
+
+def test_block_mean_averages_whole_blocks_down_to_the_needed_size() -> None:
+    rng = np.random.default_rng(3)
+    full = rng.integers(0, 2**12, size=(1955, 1841), dtype=np.uint16)
+    reduced = block_mean(full, 224, 224)
+    assert reduced.shape == (244, 230) and reduced.dtype == np.float32  # 8×8: one more is 122
+    reference = full[:1952, :1840].astype(np.float64).reshape(244, 8, 230, 8).mean(axis=(1, 3))
+    np.testing.assert_allclose(reduced, reference, rtol=1e-6)
+    assert block_mean(full, 1000, 224) is full  # 977 rows after one halving: too few
+    assert block_mean(full, 977, 900).shape == (977, 920)
+
+
+def test_uncompressed_frames_are_block_averaged_and_luts_decode_in_full() -> None:
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    np.testing.assert_array_equal(decode_frame(ds, (224, 224)),
+                                  block_mean(ds.pixel_array, 224, 224))
+    ds.ModalityLUTSequence = [pydicom.Dataset()]  # a table needs the stored integers
     np.testing.assert_array_equal(decode_frame(ds, (224, 224)), ds.pixel_array)
 
 
-@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "JPEG2000.dcm", "US1_J2KR.dcm",
-                                  "RG1_UNCR.dcm"])
-def test_signed_colour_and_uncompressed_frames_decode_in_full(name: str) -> None:
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "JPEG2000.dcm", "US1_J2KR.dcm"])
+def test_signed_and_colour_jpeg2000_frames_decode_in_full_before_averaging(name: str) -> None:
+    """The wavelet shortcut takes unsigned grayscale only; the others decode in full."""
     ds = pydicom.dcmread(get_testdata_file(name))
     full = decode_frame(ds)
-    np.testing.assert_array_equal(decode_frame(ds, (8, 8)), full)
+    reduced = decode_frame(ds, (8, 8))
+    np.testing.assert_array_equal(reduced, block_mean(full, 8, 8))
+    assert reduced.shape[0] < full.shape[0]
