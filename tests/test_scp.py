@@ -6,6 +6,7 @@ by a real scheduler and worker; callers not allowed are rejected at association.
 
 from __future__ import annotations
 
+import io
 import ssl
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -233,3 +234,27 @@ def test_killed_registrar_process_is_replaced(sqlite_backend: Backend, tmp_path:
         second = _registrar(port)
         assert second.pid != first.pid and second.is_running()
     assert "spool registrar process ended" in (tmp_path / "scp.log").read_text()
+
+
+@pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.1",
+                                          "1.2.999", "1.2.abc"])
+def test_cached_part10_prefix_equals_pynetdicoms_file_meta(sop_instance: str) -> None:
+    """The per-association template gives the bytes that encoding ``event.file_meta`` gives:
+    odd and even UID lengths (padding), a placeholder that collides with another value
+    ("999" in the SOP class) and a malformed UID (both encoded the slow way)."""
+    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
+    from pynetdicom.dsutils import create_file_meta
+
+    from scheduler.scp import part10, part10_prefix
+
+    for sop_class, syntax in (("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian),
+                              ("1.2.999", JPEG2000Lossless)):
+        meta = create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+                                transfer_syntax=UID(syntax))
+        expected = part10(meta, b"", "MOD1", "LIGHTBOX")
+        for _ in range(2):  # the first call fills the cache, the second uses it
+            prefix = part10_prefix(sop_class, sop_instance, syntax, "MOD1", "LIGHTBOX")
+            assert prefix == expected
+        read = pydicom.dcmread(io.BytesIO(prefix))
+        assert read.file_meta.MediaStorageSOPInstanceUID == sop_instance
+        assert read.file_meta.SendingApplicationEntityTitle == "MOD1"
