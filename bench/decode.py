@@ -8,9 +8,11 @@ transfer syntaxes: explicit VR little endian (as shipped), JPEG 2000 lossless (p
 and RLE lossless (encoded here with pydicom + pylibjpeg-rle). For each, in images/s and MB/s
 (of file bytes): reading the bytes (the baseline), decoding the pixels in full (``dcmread`` +
 ``pixel_array``), decoding only what a 224×224 model input needs (``decode_frame(ds, (224,
-224))``: JPEG 2000 resolution levels; other syntaxes decode in full), the worker's preparation (decode, modality/VOI, resize to the model
-input) in one process, and the same through the worker's decode pool (one spawned process per
-core) and through a thread pool of the same size (why the worker uses processes).
+224))``: JPEG 2000 resolution levels, block means of the full decode for other syntaxes), the
+worker's preparation (decode, modality/VOI, resize to the model input) in one process, the same
+at full size (no reduction: window and resize over every pixel, the baseline for what the
+reductions save), and the worker's preparation through its decode pool (one spawned process
+per core) and through a thread pool of the same size (why the worker uses processes).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from rich.progress import Progress
 
 from bench._common import DEFAULT_OUT, emit
 from lightbox.manifest import Manifest
-from lightbox.pixels import decode_frame
-from lightbox.preprocess import prepare_file
+from lightbox.pixels import decode_frame, to_display
+from lightbox.preprocess import prepare, prepare_file
 from worker.decode_pool import DecodePool
 
 MANIFEST = Manifest(name="bench", version="1", architecture="none",
@@ -70,6 +72,12 @@ def _rate(work: Callable[[], Any], seconds: float, per_call: int = 1) -> float:
     return calls * per_call / elapsed
 
 
+def _prepare_full_size(path: Path) -> np.ndarray:
+    """Preparation without the reductions: every pixel windowed, then area-resized."""
+    ds = pydicom.dcmread(path)
+    return prepare(to_display(decode_frame(ds), ds, MANIFEST.preprocessing), MANIFEST)
+
+
 def measure(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, Any]:
     """Every mode measured ``rounds`` times, interleaved, best kept: the CPU is shared, and
     interleaving keeps a burst of someone else's load from landing on one mode only."""
@@ -86,6 +94,7 @@ def measure(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, 
         "decode": (lambda: pydicom.dcmread(path).pixel_array, 1),
         "decode_reduced": (lambda: decode_frame(pydicom.dcmread(path), SHAPE), 1),
         "prepare_1_process": (lambda: prepare_file(path, MANIFEST), 1),
+        "prepare_full_size_1_process": (lambda: _prepare_full_size(path), 1),
         f"prepare_pool_{workers}_processes": (
             lambda: [f.result() for f in [pool.submit(path, MANIFEST) for _ in range(batch)]],
             batch),
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         names = list(results)
         columns = [("read_bytes", "read bytes (baseline)"), ("decode", "decode pixels (full)"),
                    ("decode_reduced", "decode reduced for a 224² input"),
+                   ("prepare_full_size_1_process", "decode+prepare at full size, 1 process"),
                    ("prepare_1_process", "decode+prepare, 1 process"),
                    (pool_key, f"decode+prepare, pool of {args.workers} processes"),
                    (thread_key, f"decode+prepare, {args.workers} threads")]
@@ -154,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = "decode: " + "; ".join(
         f"{name} {r['decode']['images_per_s']:.1f} img/s ({r['decode']['mb_per_s']:.0f} MB/s) "
-        f"reduced {r['decode_reduced']['images_per_s']:.0f} img/s "
+        f"reduced {r['decode_reduced']['images_per_s']:.0f} img/s, prepare "
+        f"{r['prepare_1_process']['images_per_s']:.0f} vs full-size "
+        f"{r['prepare_full_size_1_process']['images_per_s']:.0f} img/s "
         f"vs read {r['read_bytes']['mb_per_s']:.0f} MB/s, pool {r[pool_key]['images_per_s']:.1f}"
         for name, r in results.items())
     emit("decode", {"workers": args.workers, "results": results}, summary, args.out, plot)

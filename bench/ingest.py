@@ -4,14 +4,15 @@ in one run, on loopback. Prints JSON and a one-line summary, and writes a PNG.
 Corpus: ``--ct`` small CT instances (pydicom's CT_small, 128×128, new UIDs, studies of 50)
 and ``--cr`` chest CRs (the real pydicom-data radiographs, alternately uncompressed and JPEG
 2000). Each target gets its own storescu run over the whole folder (one association,
-``TCP_NODELAY=1``). Lightbox's time ends when every instance has its row in the database
+``TCP_NODELAY=1``; ``--associations N``: N storescu at once, each over every N-th file). Lightbox's time ends when every instance has its row in the database
 (registration included: the SCP answers once the bytes are flushed into its spool and registers
 in batches, so the clock runs until the last row is committed); Orthanc's when it reports the
 instance count. Both flush every instance to disk before answering (Orthanc's
 ``SyncStorageArea`` is on by default). ``--database-url`` (PostgreSQL) runs Lightbox on a new
 database created for the run and dropped afterwards.
 
-    .venv/bin/python bench/ingest.py [--ct 2000] [--cr 10] [--database-url URL] [--out DIR]
+    .venv/bin/python bench/ingest.py [--ct 2000] [--cr 10] [--associations 1]
+                                     [--database-url URL] [--out DIR]
 """
 
 from __future__ import annotations
@@ -83,17 +84,34 @@ def write_corpus(folder: Path, ct: int, cr: int) -> tuple[int, int]:
 
 
 def storescu(port: int, called: str, corpus: Path) -> float:
-    """Send the folder in one association; returns seconds. -xv proposes
-    JPEG 2000 lossless and the uncompressed syntaxes: each file goes as it is stored."""
+    """Send the folder in one association per subfolder (all at once) or, without
+    subfolders, one association; returns seconds. -xv proposes JPEG 2000 lossless and the
+    uncompressed syntaxes: each file goes as it is stored."""
     env = {**os.environ, "TCP_NODELAY": "1"}
+    folders = sorted(p for p in corpus.iterdir() if p.is_dir()) or [corpus]
     start = time.perf_counter()
-    out = subprocess.run(["storescu", "-xv", "+sd", "-aet", "BENCH", "-aec", called,
-                          "127.0.0.1", str(port), str(corpus)],
-                         env=env, capture_output=True, text=True)
+    senders = [subprocess.Popen(["storescu", "-xv", "+sd", "-aet", "BENCH", "-aec", called,
+                                 "127.0.0.1", str(port), str(folder)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True) for folder in folders]
+    errors = [sender.communicate()[1] for sender in senders]
     elapsed = time.perf_counter() - start
-    if out.returncode != 0:
-        raise RuntimeError(f"storescu to {called} failed: {out.stderr[-2000:]}")
+    for sender, error in zip(senders, errors, strict=True):
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu to {called} failed: {error[-2000:]}")
     return elapsed
+
+
+def split_corpus(corpus: Path, associations: int) -> None:
+    """Hard-link every file into ``associations`` subfolders, round robin (one sender each)."""
+    if associations <= 1:
+        return
+    files = sorted(p for p in corpus.iterdir() if p.is_file())
+    for i in range(associations):
+        (corpus / f"part-{i}").mkdir()
+    for j, path in enumerate(files):
+        os.link(path, corpus / f"part-{j % associations}" / path.name)
+        path.unlink()
 
 
 def wait_until(predicate, timeout: float = 600.0) -> None:  # type: ignore[no-untyped-def]
@@ -226,6 +244,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ct", type=int, default=2000, help="small CT instances")
     parser.add_argument("--cr", type=int, default=10, help="chest CRs (half JPEG 2000)")
+    parser.add_argument("--associations", type=int, default=1,
+                        help="storescu senders at once, to each target")
     parser.add_argument("--database-url", default=None, help="Lightbox DB (default SQLite)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -237,6 +257,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lightbox-bench-") as tmp:
         work = Path(tmp)
         count, size = write_corpus(work / "corpus", args.ct, args.cr)
+        split_corpus(work / "corpus", args.associations)
         mb = size / 1e6
         console.print(f"corpus: {count} instances, {mb:.1f} MB")
         timings = {}
@@ -248,6 +269,7 @@ def main() -> int:
     results = {name: {"seconds": round(t, 3), "instances_per_s": round(count / t, 1),
                       "mb_per_s": round(mb / t, 2)} for name, t in timings.items()}
     report = {"corpus": {"instances": count, "ct": args.ct, "cr": args.cr, "mb": round(mb, 1)},
+              "associations": args.associations,
               "database": "postgresql" if args.database_url else "sqlite",
               "results": results,
               "lightbox_vs_orthanc": round(timings["orthanc"] / timings["lightbox"], 3)}
@@ -258,7 +280,8 @@ def main() -> int:
     lb, orth = results["lightbox"], results["orthanc"]
     print(f"ingest: Lightbox {lb['instances_per_s']} inst/s {lb['mb_per_s']} MB/s vs Orthanc "
           f"{orth['instances_per_s']} inst/s {orth['mb_per_s']} MB/s "
-          f"(x{report['lightbox_vs_orthanc']}, {count} instances, {report['database']}); "
+          f"(x{report['lightbox_vs_orthanc']}, {count} instances, {args.associations} "
+          f"association(s), {report['database']}); "
           f"plot {png}")
     return 0
 
