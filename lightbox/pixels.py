@@ -45,9 +45,7 @@ def decode_frame(ds: Dataset, min_shape: tuple[int, int] | None = None) -> np.nd
         if reduced is not None:
             return reduced
         array = _decode_full(ds)
-        if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
-            return array
-        return block_mean(array, *min_shape)
+        return array if _has_lut(ds) else block_mean(array, *min_shape)
     return _decode_full(ds)
 
 
@@ -82,10 +80,12 @@ def block_mean(array: np.ndarray, min_height: int, min_width: int) -> np.ndarray
     wavelet level, so the two syntaxes of one image prepare alike. Only whole blocks are
     averaged: up to ``k - 1`` edge rows and columns are dropped (the JPEG 2000 path keeps
     them as partial blocks)."""
+    if array.ndim != 2:
+        return array
     r = 0
     while array.shape[0] >> (r + 1) >= min_height and array.shape[1] >> (r + 1) >= min_width:
         r += 1
-    if r == 0 or array.ndim != 2:
+    if r == 0:
         return array
     k = 1 << r
     rows, columns = array.shape[0] // k, array.shape[1] // k
@@ -94,6 +94,12 @@ def block_mean(array: np.ndarray, min_height: int, min_width: int) -> np.ndarray
     sums = np.add.reduceat(row_sums[:, : columns * k], np.arange(0, columns * k, k), axis=1)
     sums *= np.float32(1.0 / (k * k))
     return sums
+
+
+def _has_lut(ds: Dataset) -> bool:
+    """A modality or VOI step given as a lookup table: it needs the stored integers (no means)
+    and is not a linear map."""
+    return "ModalityLUTSequence" in ds or "VOILUTSequence" in ds
 
 
 def _decode_reduced(ds: Dataset, min_height: int, min_width: int) -> np.ndarray | None:
@@ -141,7 +147,7 @@ def linear_window(ds: Dataset) -> tuple[float, float] | None:
     clip, so :func:`to_display` does that in place on one float32 copy. The coefficients are
     measured by running pydicom's own functions on two probe values, so the semantics (output
     range, LINEAR vs LINEAR_EXACT) stay pydicom's."""
-    if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+    if _has_lut(ds):
         return None
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
     if function not in ("LINEAR", "LINEAR_EXACT"):
