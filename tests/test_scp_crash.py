@@ -72,7 +72,9 @@ def _send(port: int, datasets: list[pydicom.Dataset], *, kill: subprocess.Popen[
             status = assoc.send_c_store(ds)
             if "Status" in status:
                 statuses[str(ds.SOPInstanceUID)] = int(status.Status)
-            if kill is not None and len(statuses) == kill_after:
+            # Once: the association can still look established for the next store (no answer,
+            # so the count stays at kill_after) and the process is gone by then.
+            if kill is not None and kill.returncode is None and len(statuses) == kill_after:
                 os.kill(kill.pid, signal.SIGKILL)
                 kill.wait(30)
     finally:
