@@ -40,6 +40,7 @@ from lightbox.errors import ConfigurationError, IngestError
 from lightbox.settings import Settings
 from scheduler.header import UID_PATTERN
 from scheduler.register import Received, StorageFullError, register_file
+from scheduler.scp_replies import quiet_standard_handlers, use_cached_replies
 from scheduler.spool import Spool, SpoolRegistrar, received, recover, spool_dir
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,8 @@ def start_scp(settings: Settings, *, counts: dict[str, int] | None = None) -> Sc
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REQUESTED, handle_requested, [callers]),
     ]
+    if quiet_standard_handlers(settings.log_level):  # at DEBUG, pynetdicom logs every reply
+        handlers.append((evt.EVT_ESTABLISHED, use_cached_replies))
     address = (settings.scp_bind_address, settings.scp_port)
     context = tls_context(settings)
     log.info("storage SCP %s listening on %s:%d%s (callers: %s)", settings.scp_ae_title,

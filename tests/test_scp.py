@@ -258,3 +258,101 @@ def test_cached_part10_prefix_equals_pynetdicoms_file_meta(sop_instance: str) ->
         read = pydicom.dcmread(io.BytesIO(prefix))
         assert read.file_meta.MediaStorageSOPInstanceUID == sop_instance
         assert read.file_meta.SendingApplicationEntityTitle == "MOD1"
+
+
+def _response_primitive(message_id: int, sop_class: str, sop_instance: str, status: int,
+                        **extra: object) -> object:
+    """A C-STORE response primitive as pynetdicom's storage SCP builds it."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPInstanceUID, rsp.AffectedSOPClassUID = sop_instance, sop_class
+    rsp.Status = status
+    for name, value in extra.items():
+        setattr(rsp, name, value)
+    return rsp
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC210])
+@pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.1"])
+def test_cached_store_reply_equals_pynetdicoms_encoding(status: int, sop_instance: str) -> None:
+    """Template replies are byte-equal to pynetdicom's own, for odd and even UID lengths and
+    the statuses the SCP sends, and decode to the request's message ID and UID."""
+    from pydicom.filereader import read_dataset
+
+    from scheduler.scp_replies import pynetdicom_response_pdv, store_response_pdv
+
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    for message_id in (0, 1, 0x5A5A, 65535):
+        expected = pynetdicom_response_pdv(message_id, ct, sop_instance, status)
+        cached = store_response_pdv(_response_primitive(message_id, ct, sop_instance, status))
+        assert cached == expected
+        assert cached is not None and cached[0] == 0x03  # last fragment of a command set
+        command = read_dataset(io.BytesIO(cached[1:]), is_implicit_VR=True,
+                               is_little_endian=True)
+        assert command.MessageIDBeingRespondedTo == message_id
+        assert command.AffectedSOPInstanceUID == sop_instance
+        assert command.Status == status and command.CommandField == 0x8001
+
+
+@pytest.mark.parametrize(("sop_class", "sop_instance", "extra"), [
+    ("1.2.999", "1.2", {}),  # placeholder "999" also in the SOP class
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.abc", {}),  # not a DICOM UID
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3", {"ErrorComment": "disk full"}),
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3", {"OffendingElement": [0x00100010]}),
+])
+def test_replies_the_template_does_not_cover_go_pynetdicoms_way(
+        sop_class: str, sop_instance: str, extra: dict[str, object]) -> None:
+    from scheduler.scp_replies import store_response_pdv
+
+    rsp = _response_primitive(7, sop_class, sop_instance, 0xA700, **extra)
+    assert store_response_pdv(rsp) is None
+
+
+def test_scp_replies_carry_each_requests_message_id_and_uid(sqlite_backend: Backend,
+                                                            tmp_path: Path) -> None:
+    """Over one association to a real `lightbox scp` (cached replies on at INFO): every
+    C-STORE-RSP answers its own request."""
+    from pynetdicom import evt
+
+    replies: list[tuple[int, str, int]] = []
+
+    def on_dimse(event: evt.Event) -> None:
+        command = event.message.command_set
+        if command.CommandField == 0x8001:
+            replies.append((int(command.MessageIDBeingRespondedTo),
+                            str(command.AffectedSOPInstanceUID), int(command.Status)))
+
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    sent = []
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log") as port:
+        ae = AE(ae_title="PYNETDICOM")
+        ae.requested_contexts = StoragePresentationContexts[:100]
+        assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX",
+                             evt_handlers=[(evt.EVT_DIMSE_RECV, on_dimse)])
+        assert assoc.is_established
+        try:
+            for message_id, uid in ((1, "1.2.3.4"), (300, "1.2.3.45"), (65535, "1.2.3.456")):
+                source.SOPInstanceUID = uid
+                status = assoc.send_c_store(source, msg_id=message_id)
+                assert status.Status == 0x0000
+                sent.append((message_id, uid, 0x0000))
+        finally:
+            assoc.release()
+        _wait_instances(sqlite_backend, {uid for _, uid, _ in sent})
+    assert replies == sent
+
+
+def test_pynetdicom_log_handlers_follow_the_log_level() -> None:
+    """Per-message log handlers (and so the pynetdicom reply path) only at DEBUG."""
+    from pynetdicom import _config
+
+    from scheduler.scp_replies import quiet_standard_handlers
+
+    before = _config.LOG_HANDLER_LEVEL
+    try:
+        assert quiet_standard_handlers("info") and _config.LOG_HANDLER_LEVEL == "none"
+        assert not quiet_standard_handlers("DEBUG") and _config.LOG_HANDLER_LEVEL == "standard"
+    finally:
+        _config.LOG_HANDLER_LEVEL = before
