@@ -134,6 +134,44 @@ def test_same_uid_with_new_bytes_replaces_the_instance(settings: Settings, tmp_p
         assert Path(row.stored_path).read_bytes() == corrected.read_bytes()
 
 
+def test_one_batch_registers_new_duplicate_and_corrected_instances(settings: Settings,
+                                                                   tmp_path: Path) -> None:
+    """A batch (the SCP registrar's unit) follows the one-at-a-time rules per instance, in
+    order: new rows (bulk inserted), the same bytes twice (duplicate), the same UID with new
+    bytes within the batch (the later bytes win) and a UID already in the database."""
+    from scheduler.register import register_received
+    from scheduler.spool import received
+
+    known = fresh("CT_small.dcm")
+    assert register_file(settings, write(known, tmp_path / "known.dcm")).outcome \
+        is Outcome.registered
+    first, second = fresh("CT_small.dcm"), fresh("MR_small.dcm")
+    paths = [write(first, tmp_path / "spool" / "1.dcm"), write(second, tmp_path / "spool" / "2.dcm")]
+    paths.append(write(first, tmp_path / "spool" / "3.dcm"))  # same bytes again
+    second.SeriesDescription = "corrected"
+    paths.append(write(second, tmp_path / "spool" / "4.dcm"))  # same UID, new bytes
+    paths.append(write(known, tmp_path / "spool" / "5.dcm"))  # already registered
+    expected_sha = {first.SOPInstanceUID: sha256(paths[0]),
+                    second.SOPInstanceUID: sha256(paths[3]),
+                    known.SOPInstanceUID: sha256(paths[4])}
+
+    results = register_received(settings, [received(p, p.read_bytes(), "scp:MOD") for p in paths])
+
+    assert [r.outcome for r in results] == [Outcome.registered, Outcome.registered,
+                                            Outcome.duplicate, Outcome.registered,
+                                            Outcome.duplicate]
+    with session_scope(settings.sqlalchemy_url) as session:
+        rows = {r.sop_instance_uid: r for r in session.scalars(select(Instance))}
+        assert {uid: r.sha256 for uid, r in rows.items()} == expected_sha
+        assert rows[second.SOPInstanceUID].source == "scp:MOD"
+        for uid, row in rows.items():
+            assert sha256(Path(row.stored_path)) == expected_sha[uid]
+            assert row.series.series_instance_uid == (
+                {first.SOPInstanceUID: first, second.SOPInstanceUID: second,
+                 known.SOPInstanceUID: known}[uid].SeriesInstanceUID)
+    assert not any(p.exists() for p in paths)  # spool names removed once committed
+
+
 # --- move semantics ------------------------------------------------------------------------------
 
 
