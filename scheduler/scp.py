@@ -256,8 +256,10 @@ class Scp:
 
     def shutdown(self) -> None:
         """Stop accepting, then register everything already acknowledged."""
-        self.server.shutdown()
-        self.registrar.stop()
+        try:
+            self.server.shutdown()
+        finally:
+            self.registrar.stop()
 
 
 def start_scp(settings: Settings, *, counts: dict[str, int] | None = None) -> Scp:
