@@ -281,6 +281,11 @@ def run_registrar(settings: Settings, items: multiprocessing.Queue[Received | No
     from lightbox.commands.common import setup_logging
 
     _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group; the SCP's shutdown then drains this queue
+    # (stop()), so the registrar must not end halfway on its own. SIGTERM keeps its default:
+    # multiprocessing ends a daemon process with it (deploy/systemd sends the stop signal to
+    # the SCP alone: KillMode=mixed).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(settings)
     pending: list[Received] = []
     stopping = False

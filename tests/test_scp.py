@@ -7,6 +7,8 @@ by a real scheduler and worker; callers not allowed are rejected at association.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import ssl
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -234,6 +236,25 @@ def test_killed_registrar_process_is_replaced(sqlite_backend: Backend, tmp_path:
         second = _registrar(port)
         assert second.pid != first.pid and second.is_running()
     assert "spool registrar process ended" in (tmp_path / "scp.log").read_text()
+
+
+def test_ctrl_c_registers_everything_acknowledged(sqlite_backend: Backend,
+                                                 tmp_path: Path) -> None:
+    """Ctrl-C reaches the SCP's whole process group. The registrar does not die halfway: the
+    SCP's shutdown drains it, so every acknowledged instance has its row when `lightbox scp`
+    exits (not only after the next start's spool recovery)."""
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uids = set()
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log") as port:
+        scp = _registrar(port).parent()
+        for _ in range(12):
+            ct.SOPInstanceUID = pydicom.uid.generate_uid()
+            assert _store(port, ct) == 0x0000
+            uids.add(str(ct.SOPInstanceUID))
+        os.killpg(scp.pid, signal.SIGINT)
+        assert scp.wait(60) == 0
+    assert uids <= set(_instances(sqlite_backend))
+    assert "KeyboardInterrupt" not in (tmp_path / "scp.log").read_text()
 
 
 @pytest.mark.parametrize("sop_instance", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.1",
