@@ -35,9 +35,10 @@ from pydicom.uid import RLELossless
 from rich.progress import Progress
 
 from bench._common import DEFAULT_OUT, emit
+from bench.full_size import prepare_full_size
 from lightbox.manifest import Manifest
-from lightbox.pixels import decode_frame, to_display
-from lightbox.preprocess import prepare, prepare_file
+from lightbox.pixels import decode_frame
+from lightbox.preprocess import prepare_file
 from worker.decode_pool import DecodePool
 
 MANIFEST = Manifest(name="bench", version="1", architecture="none",
@@ -72,12 +73,6 @@ def _rate(work: Callable[[], Any], seconds: float, per_call: int = 1) -> float:
     return calls * per_call / elapsed
 
 
-def _prepare_full_size(path: Path) -> np.ndarray:
-    """Preparation without the reductions: every pixel windowed, then area-resized."""
-    ds = pydicom.dcmread(path)
-    return prepare(to_display(decode_frame(ds), ds, MANIFEST.preprocessing), MANIFEST)
-
-
 def measure(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, Any]:
     """Every mode measured ``rounds`` times, interleaved, best kept: the CPU is shared, and
     interleaving keeps a burst of someone else's load from landing on one mode only."""
@@ -94,7 +89,7 @@ def measure(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, 
         "decode": (lambda: pydicom.dcmread(path).pixel_array, 1),
         "decode_reduced": (lambda: decode_frame(pydicom.dcmread(path), SHAPE), 1),
         "prepare_1_process": (lambda: prepare_file(path, MANIFEST), 1),
-        "prepare_full_size_1_process": (lambda: _prepare_full_size(path), 1),
+        "prepare_full_size_1_process": (lambda: prepare_full_size(path, MANIFEST), 1),
         f"prepare_pool_{workers}_processes": (
             lambda: [f.result() for f in [pool.submit(path, MANIFEST) for _ in range(batch)]],
             batch),

@@ -2,8 +2,11 @@
 
 What a straightforward hospital AI service does: one Celery task per study (solo pool), the
 same model loaded once per process and run with PyTorch eager at batch size 1, and one commit
-per finding. It uses the same decoding and preprocessing as Lightbox (so the comparison is
-about the pipeline, not about decoders) and the same database and job rows.
+per finding, with the same database and job rows. Its decoding is chosen by
+``BENCH_PEER_DECODE``: ``full`` decodes every pixel and then windows and resizes
+(:mod:`bench.full_size`, what a straightforward service does); ``lightbox`` uses Lightbox's own
+:func:`~lightbox.preprocess.prepare_file` (reduced-resolution JPEG 2000, block means), so that
+the comparison is about the pipeline alone.
 
 Run by the benchmark as ``python -m celery -A bench.peer worker --pool=solo``; the model is
 the file named by ``BENCH_PEER_MODEL`` (a whole pickled torch module: this is a benchmark, not
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
+from bench.full_size import prepare_full_size
 from db.models import Finding, Instance, Job, JobState, Series
 from db.session import session_scope
 from lightbox.celery_app import make_celery
@@ -34,6 +38,7 @@ app = make_celery(settings, start_redis=False)
 # All cores, torch's default: a naive service does not tune threads, and one process decoding
 # then inferring leaves the cores free while the model runs (the harder baseline to beat).
 torch.set_num_threads(os.cpu_count() or 1)
+_prepare = prepare_full_size if os.environ.get("BENCH_PEER_DECODE") == "full" else prepare_file
 _model: torch.nn.Module | None = None
 
 
@@ -58,7 +63,7 @@ def peer_study(job_id: int, bundle_dir: str) -> int:
             .where(Series.study_id == job.study_id)).all()
         study_id = job.study_id
     for sop, series, path in images:
-        tensor = torch.from_numpy(prepare_file(path, manifest)[None])
+        tensor = torch.from_numpy(_prepare(path, manifest)[None])
         with torch.no_grad():
             out = model(tensor)
         out = out[0] if isinstance(out, tuple) else out

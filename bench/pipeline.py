@@ -16,7 +16,10 @@
    the database (SQLite by default), timed from the first message sent to the last job
    committed, after the worker is ready;
 6. the naive peer (bench/peer.py): a Celery task per study, the same weights in PyTorch eager
-   at batch 1, one commit per finding, same files, same database kind.
+   at batch 1, one commit per finding, same files, same database kind; twice (``--peer-decode
+   both``): decoding every pixel before the window and resize (``full``, what a straightforward
+   service does, bench/full_size.py) and with Lightbox's own preparation (``lightbox``: the
+   speed-up of the pipeline alone).
 Efficiency = Lightbox / bare runtime (goal ≥ 0.9); speed-up = Lightbox / peer (goal ≥ 5×).
 Lightbox / decode ceiling says how well the pipeline keeps its slowest stage busy.
 """
@@ -54,6 +57,7 @@ from worker.runtime_onnx import OnnxRuntime
 SOURCES = {"uncompressed": ["RG1_UNCR.dcm"], "j2k": ["RG1_J2KR.dcm"],
            "mixed": ["RG1_UNCR.dcm", "RG1_J2KR.dcm"]}
 BATCH_SIZES = [1, 2, 4, 8, 16, 32]
+PEER_DECODES = ("full", "lightbox")
 
 
 def write_studies(out_dir: Path, count: int, mix: str) -> list[Path]:
@@ -186,12 +190,13 @@ def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Nam
 
 
 def run_peer(work: Path, bundle: Path, peer_model: Path, paths: list[Path],
-             args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
-    with installation(work / f"peer-{args.round}", database_url=args.peer_database_url,
+             args: argparse.Namespace, progress: Progress, decode: str) -> dict[str, Any]:
+    with installation(work / f"peer-{decode}-{args.round}", database_url=args.peer_database_url,
                       redis_url=args.redis_url) as (settings, env):
         jobs = _prepare_install(settings, bundle, paths)
         env["BENCH_PEER_MODEL"] = str(peer_model)
-        log = work / f"peer-worker-{args.round}.log"  # fresh: "ready." must be this one's
+        env["BENCH_PEER_DECODE"] = decode
+        log = work / f"peer-{decode}-worker-{args.round}.log"  # fresh: "ready." is this one's
         worker = spawn(["-m", "celery", "-A", "bench.peer", "worker", "--pool=solo",
                         "--loglevel=INFO", "--without-gossip", "--without-mingle",
                         "--queues=bench-peer"], env, log)
@@ -199,7 +204,7 @@ def run_peer(work: Path, bundle: Path, peer_model: Path, paths: list[Path],
             wait_until(lambda: b" ready." in log.read_bytes(), 300, "the peer worker", 0.2,
                        worker)
             app = make_celery(settings, start_redis=False)
-            task = progress.add_task("naive peer", total=len(jobs))
+            task = progress.add_task(f"naive peer ({decode} decode)", total=len(jobs))
             started = time.perf_counter()
             for job_id in jobs:
                 app.send_task("bench.peer_study", args=[job_id, str(bundle)],
@@ -229,7 +234,7 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
     rates: dict[int, float] = {}
     ceiling = 0.0
     lightbox_runs: list[dict[str, Any]] = []
-    peer_runs: list[dict[str, Any]] = []
+    peer_runs: dict[str, list[dict[str, Any]]] = {decode: [] for decode in args.peer_decodes}
     for number in range(args.rounds):  # interleaved: shared CPUs, changing load
         args.round = f"{mix}-{number}"
         # Every contender is measured once per round and the best round of each is kept, so
@@ -239,14 +244,17 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
             rates[size] = max(rates.get(size, 0.0), rate)
         ceiling = max(ceiling, decode_ceiling(manifest, paths, args.decode_workers))
         lightbox_runs.append(run_lightbox(work, model.bundle, paths, args, progress))
-        peer_runs.append(run_peer(work, model.bundle, model.peer_model, paths, args, progress))
+        for decode, runs in peer_runs.items():
+            runs.append(run_peer(work, model.bundle, model.peer_model, paths, args, progress,
+                                 decode))
     lightbox = max(lightbox_runs, key=lambda r: r["images_per_s"])
-    peer = max(peer_runs, key=lambda r: r["images_per_s"])
+    peers = {decode: max(runs, key=lambda r: r["images_per_s"])
+             for decode, runs in peer_runs.items()}
     best_batch = max(rates, key=lambda b: rates[b])
     bare = rates[best_batch]
-    common = set(lightbox["scores"]) & set(peer["scores"])
-    agreement = max((abs(lightbox["scores"][s] - peer["scores"][s]) for s in common),
-                    default=float("nan"))
+    agreement = {decode: max((abs(lightbox["scores"][s] - peer["scores"][s])
+                              for s in set(lightbox["scores"]) & set(peer["scores"])),
+                             default=float("nan")) for decode, peer in peers.items()}
     return {
         "mix": mix, "studies": args.studies, "images": len(paths),
         "bare_runtime_images_per_s": {str(k): round(v, 2) for k, v in rates.items()},
@@ -254,14 +262,17 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
         "decode_pool_images_per_s": round(ceiling, 2),
         "lightbox": {k: (round(v, 3) if isinstance(v, float) else v)
                      for k, v in lightbox.items() if k != "scores"},
-        "peer": {k: (round(v, 3) if isinstance(v, float) else v)
-                 for k, v in peer.items() if k != "scores"},
+        "peers": {decode: {k: (round(v, 3) if isinstance(v, float) else v)
+                           for k, v in peer.items() if k != "scores"}
+                  for decode, peer in peers.items()},
         "rounds_images_per_s": {
             "lightbox": [round(r["images_per_s"], 2) for r in lightbox_runs],
-            "peer": [round(r["images_per_s"], 2) for r in peer_runs]},
+            **{f"peer_{decode}_decode": [round(r["images_per_s"], 2) for r in runs]
+               for decode, runs in peer_runs.items()}},
         "efficiency_vs_bare_runtime": round(lightbox["images_per_s"] / bare, 3),
         "efficiency_vs_decode_ceiling": round(lightbox["images_per_s"] / ceiling, 3),
-        "speedup_vs_peer": round(lightbox["images_per_s"] / peer["images_per_s"], 2),
+        "speedup_vs_peer": {decode: round(lightbox["images_per_s"] / peer["images_per_s"], 2)
+                            for decode, peer in peers.items()},
         "max_score_diff_lightbox_vs_peer": agreement,
     }
 
@@ -285,11 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--database-url", help="Lightbox's database (default SQLite)")
     parser.add_argument("--peer-database-url", help="the peer's database (default SQLite)")
     parser.add_argument("--redis-url", help="default: embedded Redis per installation")
+    parser.add_argument("--peer-decode", choices=["both", *PEER_DECODES], default="both",
+                        help="the naive peer's decoding: full (every pixel, then window and "
+                             "resize) or lightbox (Lightbox's own preparation)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="Lightbox and peer runs, interleaved; the best of each is kept")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
     args = parser.parse_args(argv)
+    args.peer_decodes = list(PEER_DECODES) if args.peer_decode == "both" else [args.peer_decode]
     mixes = ["mixed", "uncompressed", "j2k"] if args.mix == "all" else [args.mix]
     if args.database_url or args.peer_database_url:
         args.rounds = 1  # a given database is used once (it must start empty)
@@ -328,13 +343,16 @@ def main(argv: list[str] | None = None) -> None:
         left.set_ylabel("images/s")
         left.set_title("bare ONNX Runtime (preprocessed tensors)")
         left.legend(fontsize=8)
-        bars = [("bare runtime (best batch)", "grey"), ("decode pool alone", "tab:orange"),
-                ("Lightbox end to end", "tab:blue"), ("naive peer end to end", "tab:red")]
+        colours = {"full": "tab:red", "lightbox": "tab:pink"}
+        bars: list[tuple[str, str, Any]] = [
+            ("bare runtime (best batch)", "grey", lambda r: r["bare_runtime_best"]["images_per_s"]),
+            ("decode pool alone", "tab:orange", lambda r: r["decode_pool_images_per_s"]),
+            ("Lightbox end to end", "tab:blue", lambda r: r["lightbox"]["images_per_s"]),
+            *((f"naive peer, {decode} decode", colours[decode],
+               lambda r, d=decode: r["peers"][d]["images_per_s"]) for decode in args.peer_decodes)]
         width = 0.8 / len(bars)
-        for i, (label, colour) in enumerate(bars):
-            values = [(r["bare_runtime_best"]["images_per_s"], r["decode_pool_images_per_s"],
-                       r["lightbox"]["images_per_s"], r["peer"]["images_per_s"])[i]
-                      for r in results]
+        for i, (label, colour, value) in enumerate(bars):
+            values = [value(r) for r in results]
             xs = np.arange(len(results)) + i * width
             right.bar(xs, values, width, label=label, color=colour)
             for x, v in zip(xs, values, strict=True):
@@ -348,9 +366,10 @@ def main(argv: list[str] | None = None) -> None:
     summary = f"pipeline ({args.model}): " + "; ".join(
         f"{r['mix']}: Lightbox {r['lightbox']['images_per_s']:.2f} img/s vs bare "
         f"{r['bare_runtime_best']['images_per_s']:.2f} (batch {r['bare_runtime_best']['batch']})"
-        f" → efficiency {r['efficiency_vs_bare_runtime']:.2f} (goal 0.9), peer "
-        f"{r['peer']['images_per_s']:.2f} → {r['speedup_vs_peer']:.2f}× (goal 5×)"
-        for r in results)
+        f" → efficiency {r['efficiency_vs_bare_runtime']:.2f} (goal 0.9), " + ", ".join(
+            f"peer ({decode} decode) {peer['images_per_s']:.2f} → "
+            f"{r['speedup_vs_peer'][decode]:.2f}×" for decode, peer in r["peers"].items())
+        + " (goal 5×)" for r in results)
     emit("pipeline", result, summary, args.out, plot)
 
 
