@@ -4,10 +4,11 @@ in one run, on loopback. Prints JSON and a one-line summary, and writes a PNG.
 Corpus: ``--ct`` small CT instances (pydicom's CT_small, 128×128, new UIDs, studies of 50)
 and ``--cr`` chest CRs (the real pydicom-data radiographs, alternately uncompressed and JPEG
 2000). Each target gets its own storescu run over the whole folder (one association,
-``TCP_NODELAY=1``; ``--associations N``: N storescu at once, each over every N-th file). Lightbox's time ends when every instance has its row in the database
-(registration included: the SCP answers once the bytes are flushed into its spool and registers
-in batches, so the clock runs until the last row is committed); Orthanc's when it reports the
-instance count. Both flush every instance to disk before answering (Orthanc's
+``TCP_NODELAY=1``; ``--associations N``: N storescu at once, each over every N-th file).
+Lightbox's time ends when every instance has its row in the database (registration
+included: the SCP answers once the bytes are flushed into its spool and registers in batches,
+so the clock runs until the last row is committed); Orthanc's when it reports the instance
+count. Both flush every instance to disk before answering (Orthanc's
 ``SyncStorageArea`` is on by default). ``--database-url`` (PostgreSQL) runs Lightbox on a new
 database created for the run and dropped afterwards.
 

@@ -58,11 +58,16 @@ class Header:
     tags: dict[str, Any] = field(default_factory=dict)
 
 
+def is_plain_uid(value: str) -> bool:
+    """At most 64 characters of dot-separated numbers without leading zeros (PS3.5 9.1)."""
+    return len(value) <= 64 and UID_PATTERN.match(value) is not None
+
+
 def _uid(ds: Dataset, keyword: str) -> str:
     value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
     if not value:
         raise IngestError(f"missing {keyword}")
-    if len(value) > 64 or not UID_PATTERN.match(value):
+    if not is_plain_uid(value):
         raise IngestError(f"invalid {keyword} (not a DICOM UID)")
     return value
 

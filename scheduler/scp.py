@@ -38,10 +38,11 @@ from db.models import Event
 from db.session import session_scope
 from lightbox.errors import ConfigurationError, IngestError
 from lightbox.settings import Settings
-from scheduler.header import UID_PATTERN
+from scheduler.header import is_plain_uid
 from scheduler.register import Received, StorageFullError, register_file
 from scheduler.scp_replies import quiet_standard_handlers, use_cached_replies
 from scheduler.spool import Spool, SpoolRegistrar, received, recover, spool_dir
+from scheduler.uid_template import splice, split_around_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,11 @@ def part10_prefix(sop_class: str, sop_instance: str, syntax: str, calling: str,
     titles, UID length) around a placeholder of the UID's length, by pydicom, and the UID
     goes in its place (same length, so same element length, group length and padding).
     A UID that is not a plain DICOM UID is encoded the slow way (and refused later)."""
-    if len(sop_instance) > 64 or not UID_PATTERN.match(sop_instance):
-        return _encoded_meta(sop_class, sop_instance, syntax, calling, called)
-    template = _meta_template(sop_class, syntax, len(sop_instance), calling, called)
+    template = (_meta_template(sop_class, syntax, len(sop_instance), calling, called)
+                if is_plain_uid(sop_instance) else None)
     if template is None:
         return _encoded_meta(sop_class, sop_instance, syntax, calling, called)
-    head, tail = template
-    return b"".join((head, sop_instance.encode("ascii"), tail))
+    return splice(template, sop_instance)
 
 
 def _encoded_meta(sop_class: str, sop_instance: str, syntax: str, calling: str,
@@ -155,12 +154,8 @@ def _encoded_meta(sop_class: str, sop_instance: str, syntax: str, calling: str,
 @functools.lru_cache(maxsize=256)
 def _meta_template(sop_class: str, syntax: str, uid_length: int, calling: str,
                    called: str) -> tuple[bytes, bytes] | None:
-    placeholder = "9" * uid_length  # a valid UID (one component) of the same length
-    encoded = _encoded_meta(sop_class, placeholder, syntax, calling, called)
-    if encoded.count(placeholder.encode("ascii")) != 1:
-        return None  # it also occurs in another value: no unambiguous place for the UID
-    head, _, tail = encoded.partition(placeholder.encode("ascii"))
-    return head, tail
+    return split_around_placeholder(
+        lambda uid: _encoded_meta(sop_class, uid, syntax, calling, called), uid_length)
 
 
 def handle_store(event: evt.Event, settings: Settings, spool: Spool,

@@ -5,9 +5,8 @@ what the SCP spends per reply is spent per instance. pynetdicom builds every C-S
 command set as a pydicom data set and encodes it (about 1 ms of interpreter time per reply
 on a 2-core node, a tenth of an instance's whole cost). Within an association only the
 message ID and the SOP instance UID change, so pynetdicom's own encoding is made once per
-(SOP class, status, UID length) around placeholders and the two values go in their places:
-a UID of the same length keeps every element length and the group length, and the message ID
-is a fixed two-byte US value. Anything the template does not cover (a status comment, an
+(SOP class, status, UID length) around placeholders and the two values go in their places
+(:mod:`scheduler.uid_template`; the message ID is a fixed two-byte US value). Anything the template does not cover (a status comment, an
 offending element, a UID that is not a plain DICOM UID, a peer PDU limit too small for one
 fragment) goes pynetdicom's way.
 
@@ -27,7 +26,8 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from scheduler.header import UID_PATTERN
+from scheduler.header import is_plain_uid
+from scheduler.uid_template import splice, split_around_placeholder
 
 # (0000,0120) Message ID Being Responded To, Implicit VR Little Endian, value length 2.
 MESSAGE_ID_ELEMENT = b"\x00\x00\x20\x01\x02\x00\x00\x00"
@@ -57,33 +57,32 @@ def store_response_pdv(primitive: Any) -> bytes | None:
     if not (isinstance(message_id, int) and isinstance(status, int)
             and isinstance(sop_class, str) and isinstance(sop_instance, str)):
         return None
-    if len(sop_instance) > 64 or not UID_PATTERN.match(sop_instance):
+    if not is_plain_uid(sop_instance):
         return None
     template = _template(str(sop_class), status, len(sop_instance))
     if template is None:
         return None
     head, tail, id_offset = template
-    encoded = bytearray(b"".join((head, sop_instance.encode("ascii"), tail)))
+    encoded = bytearray(splice((head, tail), sop_instance))
     struct.pack_into("<H", encoded, id_offset, message_id)
     return bytes(encoded)
 
 
 @functools.lru_cache(maxsize=256)
 def _template(sop_class: str, status: int, uid_length: int) -> tuple[bytes, bytes, int] | None:
-    """pynetdicom's encoding around a placeholder UID ("999…", a valid one-component UID of
-    the same length) and message ID: (bytes before the UID, bytes after it, message ID
-    offset), or ``None`` if a placeholder cannot be found in exactly one place."""
-    placeholder = "9" * uid_length
-    pdv = pynetdicom_response_pdv(PLACEHOLDER_MESSAGE_ID, sop_class, placeholder, status)
-    if pdv is None or pdv.count(placeholder.encode("ascii")) != 1:
+    """pynetdicom's encoding around a placeholder UID and message ID: (bytes before the UID,
+    bytes after it, message ID offset), or ``None`` if a placeholder cannot be found in
+    exactly one place."""
+    parts = split_around_placeholder(
+        lambda uid: pynetdicom_response_pdv(PLACEHOLDER_MESSAGE_ID, sop_class, uid, status),
+        uid_length)
+    if parts is None:
         return None
-    if pdv.count(MESSAGE_ID_ELEMENT) != 1:
+    head, tail = parts
+    # The tags are sorted, so (0000,0120) comes before the UID's (0000,1000).
+    if head.count(MESSAGE_ID_ELEMENT) != 1 or MESSAGE_ID_ELEMENT in tail:
         return None
-    id_offset = pdv.index(MESSAGE_ID_ELEMENT) + len(MESSAGE_ID_ELEMENT)
-    head, _, tail = pdv.partition(placeholder.encode("ascii"))
-    if id_offset > len(head):  # the tags are sorted, so (0000,0120) comes before (0000,1000)
-        return None
-    return head, tail, id_offset
+    return head, tail, head.index(MESSAGE_ID_ELEMENT) + len(MESSAGE_ID_ELEMENT)
 
 
 def pynetdicom_response_pdv(message_id: int, sop_class: str, sop_instance: str,
