@@ -192,3 +192,78 @@ def test_signed_and_colour_jpeg2000_frames_decode_in_full_before_averaging(name:
     reduced = decode_frame(ds, (8, 8))
     np.testing.assert_array_equal(reduced, block_mean(full, 8, 8))
     assert reduced.shape[0] < full.shape[0]
+
+
+# --- uncompressed frames read straight from the file (lightbox/pixels.py) -----------------------
+
+
+def _with_unused_bits_set(source: str, out: Path) -> Path:
+    """A copy whose stored values have every unused high bit set (PS3.5 8.1.1 lets a writer
+    leave anything there): a reader that does not clear or sign-extend them reads garbage."""
+    ds = pydicom.dcmread(get_testdata_file(source))
+    shift = int(ds.BitsAllocated) - int(ds.BitsStored)
+    assert shift > 0
+    raw = np.frombuffer(ds.PixelData, dtype=np.uint16).copy()
+    raw |= np.uint16(((1 << shift) - 1) << int(ds.BitsStored))
+    ds.PixelData = raw.tobytes()
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _implicit_copy(source: str, out: Path) -> Path:
+    ds = pydicom.dcmread(get_testdata_file(source))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(out, implicit_vr=True, little_endian=True)
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: Path(get_testdata_file("RG1_UNCR.dcm")),  # 15 of 16 bits, the real chest CR
+    lambda tmp: Path(get_testdata_file("OBXXXX1A.dcm")),  # 8-bit
+    lambda tmp: Path(get_testdata_file("emri_small.dcm")),  # multi-frame: the first frame
+    lambda tmp: Path(get_testdata_file("mlut_18.dcm")),  # signed, 12 of 16 bits
+    lambda tmp: _with_unused_bits_set("RG1_UNCR.dcm", tmp / "high_unsigned.dcm"),
+    lambda tmp: _with_unused_bits_set("mlut_18.dcm", tmp / "high_signed.dcm"),
+    lambda tmp: _implicit_copy("RG1_UNCR.dcm", tmp / "implicit.dcm"),
+], ids=["cr-15bit", "8bit", "multiframe", "signed-12bit", "unused-bits-unsigned",
+        "unused-bits-signed", "implicit-vr"])
+def test_uncompressed_frames_read_from_the_file_equal_pydicoms_decode(make, tmp_path: Path) -> None:  # noqa: ANN001
+    from lightbox.pixels import _read_native_frame, read_dataset
+
+    path = make(tmp_path)
+    ds = read_dataset(path)
+    direct = _read_native_frame(ds)
+    assert direct is not None, "the direct read should have taken this file"
+    expected = pydicom.dcmread(path).pixel_array
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        expected = expected[0]
+    assert direct.dtype == expected.dtype
+    np.testing.assert_array_equal(direct, expected)
+    np.testing.assert_array_equal(decode_frame(read_dataset(path)), expected)
+
+
+def test_frames_the_direct_read_does_not_take_are_decoded_by_pydicom(tmp_path: Path) -> None:
+    """Big endian, colour, a value shorter than its frame, data set already in memory."""
+    from lightbox.pixels import _read_native_frame, read_dataset
+
+    for name in ("MR_small_bigendian.dcm", "US1_UNCR.dcm"):
+        ds = read_dataset(get_testdata_file(name))
+        assert _read_native_frame(ds) is None
+        np.testing.assert_array_equal(decode_frame(ds),
+                                      _reference_frame(pydicom.dcmread(get_testdata_file(name))))
+    in_memory = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    assert _read_native_frame(in_memory) is None
+    short = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    short.PixelData = short.PixelData[: len(short.PixelData) // 2]
+    short.save_as(tmp_path / "short.dcm", enforce_file_format=True)
+    ds = read_dataset(tmp_path / "short.dcm")
+    assert _read_native_frame(ds) is None
+    with pytest.raises(PixelDecodeError):  # pydicom's verdict, with the file's UID
+        decode_frame(ds)
+
+
+def _reference_frame(ds: pydicom.Dataset) -> np.ndarray:
+    array = ds.pixel_array
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+        array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return array
