@@ -9,8 +9,10 @@
 2. For each corpus (``all``: mixed, uncompressed-only, J2K-only): writes N chest CR studies at
    real size (1955×1841) from pydicom-data's ``RG1_UNCR.dcm`` / ``RG1_J2KR.dcm`` with new UIDs
    (``mixed``: one of each per study, like a PA + lateral), then
-3. bare runtime: ONNX Runtime (all cores) on already-preprocessed tensors, batch 1 to 32; the
-   best images/s is the ceiling the model itself sets on this machine;
+3. bare runtime: ONNX Runtime alone on already-preprocessed tensors, batch 1 to 32, in both
+   layouts the worker can use (one run with an intra-op thread per core; one single-threaded
+   run per core at once, ``worker/runtime_onnx.py``); the best images/s of either is the
+   ceiling the model itself sets on this machine;
 4. decode ceiling: the same files through the worker's decode pool alone (no inference);
 5. Lightbox: a real ``lightbox worker`` over Redis, Celery, decode processes, the batcher and
    the database (SQLite by default), timed from the first message sent to the last job
@@ -31,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +55,7 @@ from scheduler.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.register import register_file
 from scheduler.route import load_rules
 from worker.decode_pool import DecodePool
-from worker.runtime_onnx import OnnxRuntime
+from worker.runtime_onnx import OnnxRuntime, run_layout
 
 SOURCES = {"uncompressed": ["RG1_UNCR.dcm"], "j2k": ["RG1_J2KR.dcm"],
            "mixed": ["RG1_UNCR.dcm", "RG1_J2KR.dcm"]}
@@ -79,20 +82,43 @@ def write_studies(out_dir: Path, count: int, mix: str) -> list[Path]:
     return paths
 
 
-def bare_runtime(bundle: Path, manifest: Manifest, sample: list[Path],
-                 seconds: float) -> dict[int, float]:
-    """images/s of ONNX Runtime alone (all cores) per batch size, on real preprocessed CRs."""
-    runtime = OnnxRuntime(bundle / "model.onnx", threads=0)
-    tensors = np.stack([prepare_file(p, manifest) for p in sample])
-    rates = {}
-    for size in BATCH_SIZES:
-        batch = np.ascontiguousarray(np.resize(tensors, (size, *tensors.shape[1:])))
-        runtime.infer(batch)
-        runs, started = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds or runs < 3:
+def bare_layouts(cores: int | None = None) -> dict[str, tuple[int, int]]:
+    """The (intra-op threads, parallel runs) layouts the bare runtime is measured in."""
+    cores = cores or os.cpu_count() or 1
+    if cores == 1:
+        return {"1 run × 1 thread": (1, 1)}
+    return {f"1 run × {cores} threads": (cores, 1), f"{cores} runs × 1 thread": (1, cores)}
+
+
+def _run_rate(runtime: OnnxRuntime, batch: np.ndarray, seconds: float) -> float:
+    """images/s with ``runtime.parallel_runs`` threads calling it at once, each for ``seconds``."""
+    runtime.infer(batch)
+    deadline = time.perf_counter() + seconds
+
+    def calls(_: int) -> int:
+        done = 0
+        while time.perf_counter() < deadline or done < 3:
             runtime.infer(batch)
-            runs += 1
-        rates[size] = runs * size / elapsed
+            done += 1
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(runtime.parallel_runs) as pool:
+        total = sum(pool.map(calls, range(runtime.parallel_runs)))
+    return total * len(batch) / (time.perf_counter() - started)
+
+
+def bare_runtime(bundle: Path, manifest: Manifest, sample: list[Path],
+                 seconds: float) -> dict[str, dict[int, float]]:
+    """images/s of ONNX Runtime alone per layout and batch size, on real preprocessed CRs."""
+    tensors = np.stack([prepare_file(p, manifest) for p in sample])
+    rates: dict[str, dict[int, float]] = {}
+    for label, (threads, runs) in bare_layouts().items():
+        runtime = OnnxRuntime(bundle / "model.onnx", threads=threads, parallel_runs=runs)
+        rates[label] = {
+            size: _run_rate(runtime, np.ascontiguousarray(
+                np.resize(tensors, (size, *tensors.shape[1:]))), seconds)
+            for size in BATCH_SIZES}
     return rates
 
 
@@ -155,7 +181,8 @@ def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Nam
                     "LIGHTBOX_BATCH_MAX_SIZE": str(args.batch_size),
                     "LIGHTBOX_BATCH_MAX_WAIT_MS": str(args.max_wait_ms),
                     "LIGHTBOX_DECODE_WORKERS": str(args.decode_workers),
-                    "LIGHTBOX_ONNX_THREADS": str(args.onnx_threads)})
+                    "LIGHTBOX_ONNX_THREADS": str(args.onnx_threads),
+                    "LIGHTBOX_ONNX_PARALLEL_RUNS": str(args.onnx_parallel_runs)})
         worker = spawn(["-m", "lightbox.cli", "worker"], env, work / f"lightbox-worker-{args.round}.log")
         try:
             def ready() -> bool:
@@ -231,7 +258,7 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
     folder.mkdir()
     paths = write_studies(folder, args.studies, mix)
     sample = paths[: len(SOURCES[mix])]
-    rates: dict[int, float] = {}
+    rates: dict[str, dict[int, float]] = {}
     ceiling = 0.0
     lightbox_runs: list[dict[str, Any]] = []
     peer_runs: dict[str, list[dict[str, Any]]] = {decode: [] for decode in args.peer_decodes}
@@ -239,9 +266,11 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
         args.round = f"{mix}-{number}"
         # Every contender is measured once per round and the best round of each is kept, so
         # a quiet moment favours none of them (the bare runtime included).
-        for size, rate in bare_runtime(model.bundle, manifest, sample,
-                                       args.runtime_seconds).items():
-            rates[size] = max(rates.get(size, 0.0), rate)
+        for layout, by_size in bare_runtime(model.bundle, manifest, sample,
+                                            args.runtime_seconds).items():
+            best = rates.setdefault(layout, {})
+            for size, rate in by_size.items():
+                best[size] = max(best.get(size, 0.0), rate)
         ceiling = max(ceiling, decode_ceiling(manifest, paths, args.decode_workers))
         lightbox_runs.append(run_lightbox(work, model.bundle, paths, args, progress))
         for decode, runs in peer_runs.items():
@@ -250,15 +279,18 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
     lightbox = max(lightbox_runs, key=lambda r: r["images_per_s"])
     peers = {decode: max(runs, key=lambda r: r["images_per_s"])
              for decode, runs in peer_runs.items()}
-    best_batch = max(rates, key=lambda b: rates[b])
-    bare = rates[best_batch]
+    best_layout, best_batch = max(((layout, size) for layout, by_size in rates.items()
+                                   for size in by_size), key=lambda k: rates[k[0]][k[1]])
+    bare = rates[best_layout][best_batch]
     agreement = {decode: max((abs(lightbox["scores"][s] - peer["scores"][s])
                               for s in set(lightbox["scores"]) & set(peer["scores"])),
                              default=float("nan")) for decode, peer in peers.items()}
     return {
         "mix": mix, "studies": args.studies, "images": len(paths),
-        "bare_runtime_images_per_s": {str(k): round(v, 2) for k, v in rates.items()},
-        "bare_runtime_best": {"batch": best_batch, "images_per_s": round(bare, 2)},
+        "bare_runtime_images_per_s": {layout: {str(k): round(v, 2) for k, v in by_size.items()}
+                                      for layout, by_size in rates.items()},
+        "bare_runtime_best": {"layout": best_layout, "batch": best_batch,
+                              "images_per_s": round(bare, 2)},
         "decode_pool_images_per_s": round(ceiling, 2),
         "lightbox": {k: (round(v, 3) if isinstance(v, float) else v)
                      for k, v in lightbox.items() if k != "scores"},
@@ -290,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-workers", type=int, default=0,
                         help="worker decode processes (0 = cores)")
     parser.add_argument("--onnx-threads", type=int, default=0,
-                        help="worker ONNX Runtime intra-op threads (0 = cores)")
+                        help="worker ONNX Runtime intra-op threads per run (0 = worker default)")
+    parser.add_argument("--onnx-parallel-runs", type=int, default=0,
+                        help="worker ONNX Runtime runs at once (0 = worker default)")
     parser.add_argument("--runtime-seconds", type=float, default=1.5,
                         help="per batch size and round")
     parser.add_argument("--database-url", help="Lightbox's database (default SQLite)")
@@ -328,7 +362,9 @@ def main(argv: list[str] | None = None) -> None:
         "worker": {"concurrency": args.concurrency, "batch_max_size": args.batch_size,
                    "batch_max_wait_ms": args.max_wait_ms,
                    "decode_workers": args.decode_workers or os.cpu_count(),
-                   "onnx_threads": args.onnx_threads or os.cpu_count()},
+                   **dict(zip(("onnx_threads", "onnx_parallel_runs"),
+                              run_layout(args.onnx_threads, args.onnx_parallel_runs),
+                              strict=True))},
         "corpora": {r["mix"]: r for r in results},
         "goals": {"efficiency_vs_bare_runtime": 0.9, "speedup_vs_peer": 5.0},
     }
@@ -336,8 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     def plot(figure: Any) -> None:
         left, right = figure.subplots(1, 2)
         for r in results:
-            rates = r["bare_runtime_images_per_s"]
-            left.plot([int(k) for k in rates], list(rates.values()), marker="o", label=r["mix"])
+            for layout, rates in r["bare_runtime_images_per_s"].items():
+                left.plot([int(k) for k in rates], list(rates.values()), marker="o",
+                          label=f"{r['mix']}, {layout}")
         left.set_xscale("log", base=2)
         left.set_xlabel("batch size")
         left.set_ylabel("images/s")
@@ -365,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = f"pipeline ({args.model}): " + "; ".join(
         f"{r['mix']}: Lightbox {r['lightbox']['images_per_s']:.2f} img/s vs bare "
-        f"{r['bare_runtime_best']['images_per_s']:.2f} (batch {r['bare_runtime_best']['batch']})"
+        f"{r['bare_runtime_best']['images_per_s']:.2f} ({r['bare_runtime_best']['layout']}, "
+        f"batch {r['bare_runtime_best']['batch']})"
         f" → efficiency {r['efficiency_vs_bare_runtime']:.2f} (goal 0.9), " + ", ".join(
             f"peer ({decode} decode) {peer['images_per_s']:.2f} → "
             f"{r['speedup_vs_peer'][decode]:.2f}×" for decode, peer in r["peers"].items())

@@ -43,7 +43,13 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, description="A job is dead after this many tries.")
     worker_heartbeat_seconds: float = Field(default=10.0)
     runtime: str = Field(default="auto", description="Model runtime: auto, onnxruntime, tensorrt.")
-    onnx_threads: int = Field(default=0, description="ONNX Runtime intra-op threads (0 = cores).")
+    onnx_threads: int = Field(
+        default=0, description="ONNX Runtime intra-op threads per run (0 = cores ÷ parallel "
+        "runs).")
+    onnx_parallel_runs: int = Field(
+        default=0, description="ONNX Runtime batches run at once per model, one batcher "
+        "thread each, sharing one session (0 = cores ÷ threads; both 0: one single-threaded "
+        "run per core).")
     log_level: str = Field(default="INFO")
 
     # -- trainer --

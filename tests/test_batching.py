@@ -28,7 +28,7 @@ from scheduler.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from worker.batcher import Batcher
 from worker.decode_pool import DecodePool, InlineDecoder
-from worker.model_cache import ModelCache
+from worker.model_cache import LoadedModel, ModelCache
 from worker.pipeline import WorkerPipeline
 from worker.process import run_job
 from worker.runtime import ModelRuntime, load_runtime
@@ -203,6 +203,64 @@ def test_batcher_runs_partial_batch_after_max_wait() -> None:
         batcher.close()
     assert result.batch.size == 1 and result.batch.job_ids == (7,)
     assert float(result.outputs["out"].reshape(-1)[0]) == 2.0
+
+
+def test_runner_threads_run_batches_at_once_and_fill_them_in_turn() -> None:
+    """Two runners (ONNX Runtime's parallel runs): two calls in progress together, each with a
+    full batch, and every image's row back on its own future."""
+
+    class TwoAtOnce:
+        name = "two-at-once"
+        parallel_runs = 2
+
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+            self.lock = threading.Lock()
+            self.together = threading.Barrier(2, timeout=30)  # breaks unless 2 calls overlap
+
+        def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+            with self.lock:
+                self.calls.append(len(batch))
+            self.together.wait()
+            return {"out": batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)}
+
+    runtime = TwoAtOnce()
+    batcher = Batcher(runtime, max_batch=3, max_wait_s=30.0, runners=runtime.parallel_runs)
+    try:
+        futures = [batcher.submit(np.full((1, 1, 1), i, np.float32), job_id=i)
+                   for i in range(6)]
+        results = [future.result(30) for future in futures]
+    finally:
+        batcher.close()
+    assert batcher.runners == 2 and runtime.calls == [3, 3]
+    assert [float(r.outputs["out"][0]) for r in results] == [0, 1, 2, 3, 4, 5]
+    assert [r.batch.job_ids for r in results] == [(0, 1, 2)] * 3 + [(3, 4, 5)] * 3
+    assert batcher.batches_run == 2 and batcher.images_run == 6
+
+
+def test_onnx_runs_fill_the_cores_one_thread_each_unless_told() -> None:
+    from worker.runtime_onnx import run_layout
+
+    assert run_layout(cores=8) == (1, 8)
+    assert run_layout(threads=4, cores=8) == (4, 2)
+    assert run_layout(parallel_runs=2, cores=8) == (4, 2)
+    assert run_layout(threads=3, parallel_runs=1, cores=8) == (3, 1)
+    assert run_layout(threads=16, cores=8) == (16, 1)
+
+
+def test_worker_gives_an_onnx_model_one_runner_per_parallel_run(
+        model_bundle: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, onnx_parallel_runs=3, onnx_threads=1)
+    runtime = load_runtime("onnxruntime", model_bundle, settings)
+    assert isinstance(runtime, OnnxRuntime) and runtime.parallel_runs == 3
+    assert runtime.session.get_session_options().intra_op_num_threads == 1
+    pipeline = WorkerPipeline(settings, ModelCache(settings, "onnxruntime"),
+                              decoder=InlineDecoder())
+    try:
+        batcher = pipeline.batcher_for(LoadedModel(1, load_manifest(model_bundle), runtime))
+        assert batcher.runners == 3
+    finally:
+        pipeline.close()
 
 
 def test_group_commit_isolates_a_bad_job(env_sqlite_jobs: tuple[Settings, list[int]]) -> None:

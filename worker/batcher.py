@@ -2,8 +2,11 @@
 
 Like Triton's dynamic batcher: a batch is run as soon as it holds ``max_batch`` images (the
 preferred batch size) or its first image has waited ``max_wait`` seconds (the queue delay),
-whichever comes first. A single runner thread per model owns the runtime, so a GPU runtime's
-CUDA context lives in exactly one thread, and the runtime is never called concurrently.
+whichever comes first. Runner threads own the runtime calls: as many as the runtime takes at
+once (its ``parallel_runs``, Triton's model instances: one per core for ONNX Runtime on CPU,
+see :mod:`worker.runtime_onnx`), each collecting and running its own batch from the one queue.
+A runtime that takes one call at a time (TensorRT: one execution context and stream) gets one
+runner, so its CUDA context lives in exactly one thread and it is never called concurrently.
 
 Results go back by position: each submitted image gets its own future, resolved with that
 image's slice of every output and the identity of the batch it ran in (id, size, the jobs that
@@ -57,18 +60,28 @@ _batch_ids = itertools.count(1)
 
 
 class Batcher:
-    """``submit(tensor, job_id) -> Future[ImageResult]``; one runner thread per model."""
+    """``submit(tensor, job_id) -> Future[ImageResult]``; ``runners`` threads per model, each
+    making one runtime call at a time."""
 
     def __init__(self, runtime: ModelRuntime, *, max_batch: int, max_wait_s: float,
-                 name: str = "batcher") -> None:
+                 name: str = "batcher", runners: int = 1) -> None:
         self.runtime = runtime
         self.max_batch = max(1, max_batch)
         self.max_wait_s = max(0.0, max_wait_s)
         self._queue: queue.Queue[_Pending | object] = queue.Queue()
+        self._counts = threading.Lock()
+        self._filling = threading.Lock()
         self.batches_run = 0
         self.images_run = 0
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+            for i in range(max(1, runners))]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def runners(self) -> int:
+        return len(self._threads)
 
     def submit(self, tensor: np.ndarray, job_id: int) -> Future[ImageResult]:
         pending = _Pending(tensor, job_id)
@@ -76,8 +89,11 @@ class Batcher:
         return pending.future
 
     def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        """Each runner finishes the batch it holds and takes one stop mark."""
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
         """The first image plus whatever arrives before the batch is full or the delay ends."""
@@ -99,11 +115,14 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            assert isinstance(item, _Pending)
-            batch, stop = self._collect(item)
+            # One runner fills a batch at a time while the others run theirs: batches fill in
+            # turn (full ones under load) instead of the queue being dealt out among runners.
+            with self._filling:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                assert isinstance(item, _Pending)
+                batch, stop = self._collect(item)
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
             if live:
                 self._run(live)
@@ -130,8 +149,9 @@ class Batcher:
             for pending in batch:
                 self._run([pending])
             return
-        self.batches_run += 1
-        self.images_run += len(batch)
+        with self._counts:
+            self.batches_run += 1
+            self.images_run += len(batch)
         log.debug("batch %d: %d image(s) from jobs %s", info.batch_id, info.size,
                   list(info.job_ids))
         for index, pending in enumerate(batch):

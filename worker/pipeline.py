@@ -101,7 +101,8 @@ class WorkerPipeline:
                 batcher = self._batchers[model.model_id] = Batcher(
                     model.runtime, max_batch=limit,
                     max_wait_s=self.settings.batch_max_wait_ms / 1000.0,
-                    name=f"batcher-model-{model.model_id}")
+                    name=f"batcher-model-{model.model_id}",
+                    runners=int(getattr(model.runtime, "parallel_runs", 1) or 1))
             return batcher
 
     def batchers(self) -> dict[int, Batcher]:

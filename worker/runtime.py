@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class ModelRuntime(Protocol):
+    """``name`` is reported by ``lightbox status``. Optional attributes the batcher reads:
+    ``max_batch`` (the most images one call takes) and ``parallel_runs`` (how many threads may
+    call ``infer`` at once; 1 when absent, as for TensorRT's one execution context)."""
+
     name: str
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
@@ -86,7 +90,8 @@ def load_runtime(kind: str, bundle_dir: Path, settings: Settings) -> ModelRuntim
 def _onnx_runtime(bundle_dir: Path, settings: Settings) -> ModelRuntime:
     from worker.runtime_onnx import OnnxRuntime
 
-    return OnnxRuntime(bundle_dir / "model.onnx", threads=settings.onnx_threads)
+    return OnnxRuntime(bundle_dir / "model.onnx", threads=settings.onnx_threads,
+                       parallel_runs=settings.onnx_parallel_runs)
 
 
 def _tensorrt_runtime(bundle_dir: Path, settings: Settings) -> ModelRuntime:

@@ -87,10 +87,12 @@ def run_worker(settings: Settings | None = None, loglevel: str = "INFO") -> None
         pipeline.warm_up()
         _touch_worker(settings, pipeline.cache.runtime_report())
         threading.Thread(target=presence, name="presence", daemon=True).start()
+        runners = {batcher.runners for batcher in pipeline.batchers().values()}
         log.info("worker ready: runtime %s, %d job(s) in flight, batches of up to %d "
-                 "(wait %.0f ms), %d decode process(es)", runtime_kind,
-                 settings.worker_concurrency, settings.batch_max_size,
-                 settings.batch_max_wait_ms, pipeline.decoder.workers)
+                 "(wait %.0f ms) on %s runner thread(s) per model, %d decode process(es)",
+                 runtime_kind, settings.worker_concurrency, settings.batch_max_size,
+                 settings.batch_max_wait_ms, "/".join(map(str, sorted(runners))) or "no",
+                 pipeline.decoder.workers)
 
     @worker_shutdown.connect(weak=False)
     def _down(**_: object) -> None:
