@@ -8,7 +8,17 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Finding, Job, JobState, Model, QuarantinedFile, Study, StudyStatus, WorkerNode
+from db.models import (
+    Event,
+    Finding,
+    Job,
+    JobState,
+    Model,
+    QuarantinedFile,
+    Study,
+    StudyStatus,
+    WorkerNode,
+)
 
 
 def findings(session: Session, *, study_uid: str | None = None, label: str | None = None,
@@ -61,6 +71,11 @@ def status(session: Session, limit: int | None = 50) -> dict[str, Any]:
                QuarantinedFile.quarantine_path, QuarantinedFile.at)
         .order_by(QuarantinedFile.id.desc()).limit(limit)
     )
+    # Acknowledged by the SCP, then removed from its spool before registration: the sender
+    # has to send these again (scheduler/spool.py records them).
+    vanished = [instance for detail in session.scalars(
+        select(Event.detail).where(Event.kind == "spool_instance_vanished")
+        .order_by(Event.id.desc()).limit(limit)) for instance in detail["instances"]]
     workers = session.execute(
         select(WorkerNode.hostname, WorkerNode.runtime, WorkerNode.last_seen_at)
         .order_by(WorkerNode.last_seen_at.desc()).limit(50)
@@ -77,6 +92,7 @@ def status(session: Session, limit: int | None = 50) -> dict[str, Any]:
             {"name": r[0], "code": r[1], "reason": r[2], "path": r[3], "at": r[4]}
             for r in quarantined
         ],
+        "vanished_instances": vanished,
         "workers": [{"hostname": r[0], "runtime": r[1], "last_seen_at": r[2]} for r in workers],
         **export_status(session),
     }

@@ -159,6 +159,11 @@ def status(fmt: str, limit: int) -> None:
     shown, total = len(report["quarantined"]), report["quarantined_total"]
     if total > shown:
         console.print(f"… {total - shown} more quarantined file(s): --limit 0 lists all")
+    for v in report["vanished_instances"]:
+        console.print(f"[red]instance {v['sop_instance_uid']}[/red] (study "
+                      f"…{v['study_instance_uid'][-16:]}) was acknowledged, then removed from "
+                      "the spool before registration: have the sender send it again",
+                      highlight=False)
     exports = report.get("exports", {})
     console.print("exports: " + "  ".join(f"{k} {v}" for k, v in exports.items()))
     for e in report.get("dead_exports", []):

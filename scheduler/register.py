@@ -180,6 +180,22 @@ def register_file(settings: Settings, path: Path, *, source: str = "folder", mov
     return RegisterResult(outcome, header.sop_instance_uid, header.study_instance_uid)
 
 
+def vanished(settings: Settings, items: list[Received]) -> list[Received]:
+    """The items whose bytes are gone: the spool file was removed (by hand, by a clean-up job)
+    before registration put it into storage, and storage does not hold those bytes either.
+
+    They can never be registered, so retrying them would only hold back every instance behind
+    them; the caller reports them by UID (the sender has to send them again) and goes on."""
+    gone = []
+    for item in items:
+        if item.path.exists():
+            continue
+        stored = _stored_path(settings, item.header)
+        if not (stored.is_file() and file_sha256(stored)[0] == item.sha256):
+            gone.append(item)
+    return gone
+
+
 def register_received(settings: Settings, items: list[Received]) -> list[RegisterResult]:
     """Register a batch of durable, already checked files (the SCP's spool) in one transaction:
     the batched form of :func:`register_file` (same rows, same rules), for received files.

@@ -39,6 +39,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from sqlalchemy.exc import OperationalError
 
+from db.models import Event
+from db.session import session_scope
 from lightbox.errors import IngestError
 from lightbox.settings import Settings
 from scheduler.header import PARSE_ERRORS, read_header
@@ -47,6 +49,7 @@ from scheduler.register import (
     StorageFullError,
     register_file,
     register_received,
+    vanished,
 )
 from scheduler.storage import file_sha256, fsync_directory
 
@@ -205,8 +208,10 @@ class SpoolRegistrar:
     SCP's side of a hand-over is one queue put (the already-checked :class:`Received`).
 
     Transient failures (database down, storage full) keep the batch and retry with backoff:
-    the files stay in the spool, so nothing acknowledged is ever dropped. A batch that fails
-    otherwise is retried one instance at a time; an instance that still fails is left in the
+    the files stay in the spool, so nothing acknowledged is ever dropped. A slot whose file was
+    removed before registration (by hand, by a clean-up job) is not transient: it is logged by
+    UID, recorded as a ``spool_instance_vanished`` event, and the rest of its batch goes on. A
+    batch that fails otherwise is retried one instance at a time; an instance that still fails is left in the
     spool (logged by UID) and registered at the next start. Should the process die, the
     slots it held are registered at the next start too, and a new process takes over."""
 
@@ -315,6 +320,11 @@ def run_registrar(settings: Settings, items: multiprocessing.Queue[Received | No
         try:
             results.put(_register(settings, pending))
         except (OperationalError, OSError) as exc:
+            gone = vanished(settings, pending)
+            if gone:  # not transient: retrying would hold back everything behind them
+                results.put({"vanished": _report_vanished(settings, gone)})
+                pending = [item for item in pending if all(item is not g for g in gone)]
+                continue
             delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
             failures += 1
             log.error("registering %d spooled instances failed (%s); retry in %.1f s",
@@ -332,6 +342,24 @@ def run_registrar(settings: Settings, items: multiprocessing.Queue[Received | No
                     log.exception("spooled %s not registered (kept in the spool)",
                                   single.header.sop_instance_uid)
         pending, failures = [], 0
+
+
+def _report_vanished(settings: Settings, gone: list[Received]) -> int:
+    """Log (UIDs only) and record acknowledged instances whose spool file was removed before
+    they were registered: an operator must have the sender send them again."""
+    for item in gone:
+        log.error("spooled instance %s (study %s) was removed from the spool before it was "
+                  "registered: not registered, the sender must send it again",
+                  item.header.sop_instance_uid, item.header.study_instance_uid)
+    try:
+        with session_scope(settings.sqlalchemy_url) as session:
+            session.add(Event(kind="spool_instance_vanished", detail={
+                "instances": [{"sop_instance_uid": item.header.sop_instance_uid,
+                               "study_instance_uid": item.header.study_instance_uid}
+                              for item in gone]}))
+    except OperationalError:  # the database is down: the log lines above still say it
+        log.warning("could not record %d vanished spool instance(s) in the database", len(gone))
+    return len(gone)
 
 
 def _register(settings: Settings, items: list[Received]) -> dict[str, int]:
