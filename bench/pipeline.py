@@ -22,13 +22,22 @@
    both``): decoding every pixel before the window and resize (``full``, what a straightforward
    service does, bench/full_size.py) and with Lightbox's own preparation (``lightbox``: the
    speed-up of the pipeline alone).
+7. Lightbox again with its models on a stand-in accelerator (bench/offcpu.py): each runtime
+   call sleeps for its images at the bare runtime's best one-call rate of this run (one call
+   at a time; ``--offcpu-speedup K``: K times faster), so the model no longer takes CPU from
+   decoding, as on a GPU node, and the worker runs ``--offcpu-concurrency`` jobs at once, as
+   the README advises for GPU nodes. It computes nothing: its efficiency is the share of the
+   time decode, queue, batching and database kept such a device busy, and no GPU figure.
 Efficiency = Lightbox / bare runtime (goal ≥ 0.9); speed-up = Lightbox / peer (goal ≥ 5×).
-Lightbox / decode ceiling says how well the pipeline keeps its slowest stage busy.
+Lightbox / decode ceiling says how well the pipeline keeps its slowest stage busy;
+``cpu_accounting`` splits the efficiency into the model's share of the CPU used (the most any
+pipeline doing this decoding on these cores can reach) and how busy the cores were.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -44,6 +53,7 @@ from sqlalchemy import func, select
 from bench._common import DEFAULT_OUT, emit, installation, spawn, stop, wait_until
 from bench.models import MODELS, BenchModel
 from bench.models import build as build_model
+from bench.offcpu import SERVICE_ENV
 from db.models import Event, Finding, Job, JobState, WorkerNode
 from db.registry import register_bundle
 from db.session import session_scope
@@ -156,9 +166,28 @@ def _prepare_install(settings: Settings, bundle: Path, paths: list[Path]) -> lis
         register_bundle(session, bundle, promote=True)
     for path in paths:
         register_file(settings, path)
-    dispatch_ready(settings, load_rules(), PassReport())
+    rules = load_rules()
+    while True:  # a scheduler pass dispatches at most scheduler.dispatch.BATCH studies
+        report = PassReport()
+        dispatch_ready(settings, rules, report)
+        if not report.studies_dispatched:
+            break
     with session_scope(settings.sqlalchemy_url) as session:
-        return list(session.scalars(select(Job.id).order_by(Job.id)))
+        jobs = list(session.scalars(select(Job.id).order_by(Job.id)))
+    studies = len({path.name.split("-")[0] for path in paths})
+    if len(jobs) != studies:
+        raise RuntimeError(f"{len(jobs)} jobs for {studies} studies")
+    return jobs
+
+
+def _send_all(settings: Settings) -> None:
+    """The scheduler's outbox, until every job is sent (a pass sends at most BATCH)."""
+    app = make_celery(settings)
+    while True:
+        report = PassReport()
+        send_pending(settings, app, report)
+        if not report.jobs_sent:
+            return
 
 
 def _succeeded(settings: Settings) -> int:
@@ -173,27 +202,37 @@ def _scores(settings: Settings) -> dict[str, float]:
 
 
 def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Namespace,
-                 progress: Progress) -> dict[str, Any]:
-    with installation(work / f"lightbox-{args.round}", database_url=args.database_url,
+                 progress: Progress, offcpu_service: dict[int, float] | None = None
+                 ) -> dict[str, Any]:
+    """A real worker over the whole path; with ``offcpu_service`` its models run on the
+    stand-in accelerator (bench/offcpu.py) instead of ONNX Runtime."""
+    name = "lightbox" if offcpu_service is None else "lightbox-offcpu"
+    with installation(work / f"{name}-{args.round}", database_url=args.database_url,
                       redis_url=args.redis_url) as (settings, env):
         jobs = _prepare_install(settings, bundle, paths)
-        env.update({"LIGHTBOX_WORKER_CONCURRENCY": str(args.concurrency),
+        concurrency = args.concurrency if offcpu_service is None else args.offcpu_concurrency
+        env.update({"LIGHTBOX_WORKER_CONCURRENCY": str(concurrency),
                     "LIGHTBOX_BATCH_MAX_SIZE": str(args.batch_size),
                     "LIGHTBOX_BATCH_MAX_WAIT_MS": str(args.max_wait_ms),
                     "LIGHTBOX_DECODE_WORKERS": str(args.decode_workers),
                     "LIGHTBOX_ONNX_THREADS": str(args.onnx_threads),
                     "LIGHTBOX_ONNX_PARALLEL_RUNS": str(args.onnx_parallel_runs)})
-        worker = spawn(["-m", "lightbox.cli", "worker"], env, work / f"lightbox-worker-{args.round}.log")
+        command = ["-m", "lightbox.cli", "worker"]
+        if offcpu_service is not None:
+            command = ["-m", "bench.offcpu"]
+            env[SERVICE_ENV] = json.dumps(offcpu_service)
+        worker = spawn(command, env, work / f"{name}-worker-{args.round}.log")
         try:
             def ready() -> bool:
                 with session_scope(settings.sqlalchemy_url) as session:
                     return session.scalar(select(func.count()).select_from(WorkerNode)) > 0
 
             wait_until(ready, 300, "the Lightbox worker to be ready", 0.2, worker)
-            task = progress.add_task("Lightbox", total=len(jobs))
+            task = progress.add_task("Lightbox" if offcpu_service is None
+                                     else "Lightbox, stand-in accelerator", total=len(jobs))
             cpu_at_start = cpu_seconds(worker.pid)
             started = time.perf_counter()
-            send_pending(settings, make_celery(settings), PassReport())
+            _send_all(settings)
 
             def done() -> bool:
                 count = _succeeded(settings)
@@ -250,6 +289,32 @@ def run_peer(work: Path, bundle: Path, peer_model: Path, paths: list[Path],
                 "images_per_s": len(paths) / seconds, "scores": _scores(settings)}
 
 
+def offcpu_rate(rates: dict[str, dict[int, float]], speedup: float) -> float:
+    """images/s of the stand-in accelerator: the bare runtime's best one-call rate here (one
+    run, an intra-op thread per core: one batch at a time, as a GPU with one execution context
+    runs them), ``speedup`` times faster. It takes that per image at every batch size, so its
+    efficiency is the share of the time it was kept busy (a real GPU also gains from larger
+    batches; this stand-in leaves that out rather than replay this VM's noisy batch curve)."""
+    single = next(by_size for layout, by_size in rates.items() if layout.startswith("1 run"))
+    return max(single.values()) * speedup
+
+
+def cpu_accounting(lightbox: dict[str, Any], bare: float, cores: int) -> dict[str, float]:
+    """Where the CPU of Lightbox's run went, and the two factors of its efficiency.
+
+    The model needs ``images × cores / bare`` core-seconds (what the bare runtime spends on
+    them). ``model_share`` is that over all the CPU the worker and its decode processes used:
+    the efficiency a pipeline doing the same work on these cores could reach at best, were
+    the cores always busy. ``cpu_busy`` is how busy they were. Their product is the efficiency
+    (images/s over the bare runtime's), so a low efficiency says which one fell short."""
+    used = lightbox["cpu_seconds"]["worker_process"] + lightbox["cpu_seconds"]["decode_processes"]
+    model = lightbox["images"] * cores / bare
+    return {"model_core_s_at_bare_rate": round(model, 2), "used_core_s": round(used, 2),
+            "model_share": round(model / used, 3),
+            "cpu_busy": round(used / (lightbox["seconds"] * cores), 3),
+            "cpu_bound_ceiling_images_per_s": round(lightbox["images"] * cores / used, 2)}
+
+
 def measure_mix(work: Path, model: BenchModel, mix: str,
                 args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     """Bare runtime, decode ceiling, Lightbox and the peer on one corpus, in one go."""
@@ -261,6 +326,7 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
     rates: dict[str, dict[int, float]] = {}
     ceiling = 0.0
     lightbox_runs: list[dict[str, Any]] = []
+    offcpu_runs: list[dict[str, Any]] = []
     peer_runs: dict[str, list[dict[str, Any]]] = {decode: [] for decode in args.peer_decodes}
     for number in range(args.rounds):  # interleaved: shared CPUs, changing load
         args.round = f"{mix}-{number}"
@@ -273,6 +339,11 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
                 best[size] = max(best.get(size, 0.0), rate)
         ceiling = max(ceiling, decode_ceiling(manifest, paths, args.decode_workers))
         lightbox_runs.append(run_lightbox(work, model.bundle, paths, args, progress))
+        if args.offcpu_speedup > 0:
+            per_image = 1.0 / offcpu_rate(rates, args.offcpu_speedup)
+            offcpu_runs.append(run_lightbox(
+                work, model.bundle, paths, args, progress,
+                {size: size * per_image for size in range(1, args.batch_size + 1)}))
         for decode, runs in peer_runs.items():
             runs.append(run_peer(work, model.bundle, model.peer_model, paths, args, progress,
                                  decode))
@@ -282,6 +353,18 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
     best_layout, best_batch = max(((layout, size) for layout, by_size in rates.items()
                                    for size in by_size), key=lambda k: rates[k[0]][k[1]])
     bare = rates[best_layout][best_batch]
+    offcpu: dict[str, Any] = {}
+    if offcpu_runs:
+        best_offcpu = max(offcpu_runs, key=lambda r: r["images_per_s"])
+        standin_bare = offcpu_rate(rates, args.offcpu_speedup)
+        offcpu = {"lightbox_offcpu_standin": {
+            "speedup_over_this_cpu": args.offcpu_speedup,
+            "standin_bare_images_per_s": round(standin_bare, 2),
+            "concurrency": args.offcpu_concurrency,
+            **{k: (round(v, 3) if isinstance(v, float) else v)
+               for k, v in best_offcpu.items() if k != "scores"},
+            "rounds_images_per_s": [round(r["images_per_s"], 2) for r in offcpu_runs],
+            "efficiency_vs_standin": round(best_offcpu["images_per_s"] / standin_bare, 3)}}
     agreement = {decode: max((abs(lightbox["scores"][s] - peer["scores"][s])
                               for s in set(lightbox["scores"]) & set(peer["scores"])),
                              default=float("nan")) for decode, peer in peers.items()}
@@ -302,6 +385,8 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
             **{f"peer_{decode}_decode": [round(r["images_per_s"], 2) for r in runs]
                for decode, runs in peer_runs.items()}},
         "efficiency_vs_bare_runtime": round(lightbox["images_per_s"] / bare, 3),
+        "cpu_accounting": cpu_accounting(lightbox, bare, os.cpu_count() or 1),
+        **offcpu,
         "efficiency_vs_decode_ceiling": round(lightbox["images_per_s"] / ceiling, 3),
         "speedup_vs_peer": {decode: round(lightbox["images_per_s"] / peer["images_per_s"], 2)
                             for decode, peer in peers.items()},
@@ -330,15 +415,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--database-url", help="Lightbox's database (default SQLite)")
     parser.add_argument("--peer-database-url", help="the peer's database (default SQLite)")
     parser.add_argument("--redis-url", help="default: embedded Redis per installation")
-    parser.add_argument("--peer-decode", choices=["both", *PEER_DECODES], default="both",
+    parser.add_argument("--peer-decode", choices=["both", *PEER_DECODES, "none"],
+                        default="both",
                         help="the naive peer's decoding: full (every pixel, then window and "
-                             "resize) or lightbox (Lightbox's own preparation)")
+                             "resize) or lightbox (Lightbox's own preparation); none: no peer")
+    parser.add_argument("--offcpu-speedup", type=float, default=1.0,
+                        help="also run Lightbox on the stand-in accelerator (bench/offcpu.py), "
+                             "this many times faster than the bare runtime here; 0: skip")
+    parser.add_argument("--offcpu-concurrency", type=int, default=32,
+                        help="jobs in flight for the stand-in accelerator's worker (the README's "
+                             "advice for GPU nodes: 32-64)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="Lightbox and peer runs, interleaved; the best of each is kept")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data)")
     args = parser.parse_args(argv)
-    args.peer_decodes = list(PEER_DECODES) if args.peer_decode == "both" else [args.peer_decode]
+    args.peer_decodes = {"both": list(PEER_DECODES), "none": []}.get(args.peer_decode,
+                                                                      [args.peer_decode])
     mixes = ["mixed", "uncompressed", "j2k"] if args.mix == "all" else [args.mix]
     if args.database_url or args.peer_database_url:
         args.rounds = 1  # a given database is used once (it must start empty)
@@ -387,6 +480,12 @@ def main(argv: list[str] | None = None) -> None:
             ("Lightbox end to end", "tab:blue", lambda r: r["lightbox"]["images_per_s"]),
             *((f"naive peer, {decode} decode", colours[decode],
                lambda r, d=decode: r["peers"][d]["images_per_s"]) for decode in args.peer_decodes)]
+        if args.offcpu_speedup > 0:
+            bars += [
+                ("stand-in accelerator alone", "tab:olive",
+                 lambda r: r["lightbox_offcpu_standin"]["standin_bare_images_per_s"]),
+                ("Lightbox on the stand-in accelerator", "tab:green",
+                 lambda r: r["lightbox_offcpu_standin"]["images_per_s"])]
         width = 0.8 / len(bars)
         for i, (label, colour, value) in enumerate(bars):
             values = [value(r) for r in results]
@@ -404,10 +503,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{r['mix']}: Lightbox {r['lightbox']['images_per_s']:.2f} img/s vs bare "
         f"{r['bare_runtime_best']['images_per_s']:.2f} ({r['bare_runtime_best']['layout']}, "
         f"batch {r['bare_runtime_best']['batch']})"
-        f" → efficiency {r['efficiency_vs_bare_runtime']:.2f} (goal 0.9), " + ", ".join(
-            f"peer ({decode} decode) {peer['images_per_s']:.2f} → "
-            f"{r['speedup_vs_peer'][decode]:.2f}×" for decode, peer in r["peers"].items())
-        + " (goal 5×)" for r in results)
+        f" → efficiency {r['efficiency_vs_bare_runtime']:.2f} (goal 0.9)" + "".join(
+            f", peer ({decode} decode) {peer['images_per_s']:.2f} → "
+            f"{r['speedup_vs_peer'][decode]:.2f}× (goal 5×)"
+            for decode, peer in r["peers"].items()) + (
+            f", stand-in accelerator (off the CPU, {args.offcpu_speedup:g}× the bare runtime): "
+            f"Lightbox {r['lightbox_offcpu_standin']['images_per_s']:.2f} vs "
+            f"{r['lightbox_offcpu_standin']['standin_bare_images_per_s']:.2f} → efficiency "
+            f"{r['lightbox_offcpu_standin']['efficiency_vs_standin']:.2f}"
+            if args.offcpu_speedup > 0 else "") for r in results)
     emit("pipeline", result, summary, args.out, plot)
 
 

@@ -6,6 +6,7 @@ the reason (.ci/run installs dcmtk, orthanc, orthanc-dicomweb and dicom3tools).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -17,7 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from tests.conftest import Backend, stop_processes, wait_for
@@ -30,6 +34,18 @@ def require(*binaries: str) -> None:
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (apt-get install dcmtk orthanc "
                     f"orthanc-dicomweb dicom3tools; .ci/run does)")
+
+
+def ct_instances(count: int) -> list[pydicom.Dataset]:
+    """``count`` instances of one new CT study and series (pydicom's CT_small, new UIDs)."""
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
+    out = []
+    for _ in range(count):
+        ds = copy.deepcopy(template)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        out.append(ds)
+    return out
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ what the spool holds."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import signal
@@ -18,8 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
@@ -27,7 +24,7 @@ from sqlalchemy.engine import make_url
 from db.models import Instance, QuarantinedFile
 from db.session import make_engine, session_scope
 from tests.conftest import Backend, stop_processes, wait_for
-from tests.pacs_peers import echo_ok, free_port, with_env
+from tests.pacs_peers import ct_instances, echo_ok, free_port, with_env
 
 
 @contextmanager
@@ -42,17 +39,6 @@ def scp_process(backend: Backend, log: Path, port: int) -> Iterator[subprocess.P
         yield proc
     finally:
         stop_processes([proc])
-
-
-def _datasets(count: int) -> list[pydicom.Dataset]:
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
-    out = []
-    for _ in range(count):
-        ds = copy.deepcopy(template)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        out.append(ds)
-    return out
 
 
 def _send(port: int, datasets: list[pydicom.Dataset], *, kill: subprocess.Popen[bytes] | None
@@ -133,7 +119,7 @@ def _check_registered(backend: Backend, datasets: list[pydicom.Dataset],
 
 def test_spool_left_by_a_crash_is_registered_at_next_start(backend: Backend,
                                                            tmp_path: Path) -> None:
-    datasets = _datasets(12)
+    datasets = ct_instances(12)
     port = free_port()
     with instances_locked(backend):
         with scp_process(backend, tmp_path / "scp1.log", port) as proc:
@@ -157,7 +143,7 @@ def test_spool_left_by_a_crash_is_registered_at_next_start(backend: Backend,
 
 def test_sigkill_mid_association_loses_no_acknowledged_instance(backend: Backend,
                                                                 tmp_path: Path) -> None:
-    datasets = _datasets(60)
+    datasets = ct_instances(60)
     port = free_port()
     with scp_process(backend, tmp_path / "scp1.log", port) as proc:
         statuses = _send(port, datasets, kill=proc, kill_after=35)

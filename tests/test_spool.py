@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import multiprocessing
 import os
 import queue
 
-import pydicom
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from db.models import Event, Instance
@@ -20,16 +16,13 @@ from db.session import session_scope
 from scheduler.register import Received
 from scheduler.spool import Spool, received, run_registrar, spool_dir
 from tests.conftest import Backend, wait_for
+from tests.pacs_peers import ct_instances
 
 
 def _spooled(spool: Spool, count: int) -> list[Received]:
     """``count`` CT instances of one study, each written and flushed into a slot."""
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
     items = []
-    for _ in range(count):
-        ds = copy.deepcopy(template)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for ds in ct_instances(count):
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         data = buffer.getvalue()

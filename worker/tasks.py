@@ -32,18 +32,22 @@ from db.upsert import insert_ignore
 from lightbox.celery_app import make_celery
 from lightbox.settings import Settings, get_settings
 from lightbox.tasks import PROCESS_JOB, QUEUE
-from worker.model_cache import ModelCache
+from worker.model_cache import ModelCache, RuntimeLoader
 from worker.pipeline import WorkerPipeline
 from worker.process import run_job, worker_name
-from worker.runtime import choose_runtime
+from worker.runtime import choose_runtime, load_runtime
 
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings) -> tuple[Celery, WorkerPipeline]:
+def build_app(settings: Settings,
+              loader: RuntimeLoader = load_runtime) -> tuple[Celery, WorkerPipeline]:
+    """The Celery app and the pipeline its task runs. ``loader`` makes each model's runtime
+    (:class:`~worker.model_cache.ModelCache`'s extension point; the benchmarks' stand-in
+    accelerator comes in through it)."""
     app = make_celery(settings)
     runtime_kind = choose_runtime(settings)
-    pipeline = WorkerPipeline(settings, ModelCache(settings, runtime_kind))
+    pipeline = WorkerPipeline(settings, ModelCache(settings, runtime_kind, loader))
 
     # A database that is down (restart, failover) must not cost the job: the task is retried
     # with backoff instead of being acknowledged with its outcome unrecorded. The outcome lives
@@ -69,9 +73,10 @@ def _touch_worker(settings: Settings, runtime: str) -> None:
             {"last_seen_at": now, "runtime": runtime})
 
 
-def run_worker(settings: Settings | None = None, loglevel: str = "INFO") -> None:
+def run_worker(settings: Settings | None = None, loglevel: str = "INFO",
+               loader: RuntimeLoader = load_runtime) -> None:
     settings = settings or get_settings()
-    app, pipeline = build_app(settings)
+    app, pipeline = build_app(settings, loader)
     runtime_kind = pipeline.cache.runtime_kind
     stop = threading.Event()
 
