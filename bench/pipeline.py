@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         right.set_yscale("log")
         right.set_ylabel("images/s (log)")
         right.set_title(f"{model.description}\n{args.studies} studies per corpus", fontsize=9)
-        right.legend(fontsize=7)
+        right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
 
     summary = f"pipeline ({args.model}): " + "; ".join(
         f"{r['mix']}: Lightbox {r['lightbox']['images_per_s']:.2f} img/s vs bare "

@@ -3,6 +3,8 @@ the spawned decode pool returns exactly what inline preprocessing does (errors i
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,47 @@ def _reference_frame(ds: pydicom.Dataset) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return array
+
+
+# --- lossless JPEG through libjpeg-turbo (lightbox/pixels.py) ------------------------------------
+
+
+def _dcmcjpeg(source: str, out: Path, *options: str) -> Path:
+    """``source`` re-encoded by dcmtk's dcmcjpeg (as a modality or PACS would send it)."""
+    if shutil.which("dcmcjpeg") is None:
+        pytest.skip("dcmcjpeg (dcmtk) is not installed; .ci/run installs it")
+    subprocess.run(["dcmcjpeg", *options, get_testdata_file(source), str(out)], check=True,
+                   capture_output=True, timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: Path(get_testdata_file("JPGLosslessP14SV1_1s_1f_8b.dcm")),
+    lambda tmp: _dcmcjpeg("RG1_UNCR.dcm", tmp / "cr-sv1.dcm", "+e1"),
+    lambda tmp: _dcmcjpeg("RG1_UNCR.dcm", tmp / "cr-process14.dcm", "+el", "+sv", "6"),
+], ids=["8bit-sv1", "chest-cr-15bit-sv1", "chest-cr-process14-sv6"])
+def test_lossless_jpeg_through_libjpeg_turbo_equals_pydicoms_decode(make, tmp_path: Path) -> None:  # noqa: ANN001
+    from lightbox.pixels import _decode_jpeg_lossless, read_dataset
+
+    path = make(tmp_path)
+    fast = _decode_jpeg_lossless(read_dataset(path))
+    assert fast is not None, "the libjpeg-turbo path should have taken this file"
+    expected = pydicom.dcmread(path).pixel_array
+    assert fast.dtype == expected.dtype
+    np.testing.assert_array_equal(fast, expected)
+    np.testing.assert_array_equal(decode_frame(read_dataset(path)), expected)
+
+
+def test_lossless_jpeg_the_fast_path_does_not_know_goes_to_pydicom(tmp_path: Path) -> None:
+    """Signed and colour frames, and values wider than the data set's Bits Stored."""
+    from lightbox.pixels import _decode_jpeg_lossless, read_dataset
+
+    for name in ("JPEG-LL.dcm", "SC_rgb_jpeg_gdcm.dcm"):  # signed CT; RGB
+        ds = read_dataset(get_testdata_file(name))
+        assert _decode_jpeg_lossless(ds) is None
+        np.testing.assert_array_equal(decode_frame(ds),
+                                      _reference_frame(pydicom.dcmread(get_testdata_file(name))))
+    narrow = pydicom.dcmread(_dcmcjpeg("RG1_UNCR.dcm", tmp_path / "cr.dcm", "+e1"))
+    narrow.BitsStored, narrow.HighBit = 10, 9  # the CR's values need 15 bits
+    narrow.save_as(tmp_path / "narrow.dcm")
+    assert _decode_jpeg_lossless(read_dataset(tmp_path / "narrow.dcm")) is None
