@@ -394,6 +394,47 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
     }
 
 
+def draw(figure: Any, result: dict[str, Any]) -> None:
+    """The plot of one result (as written to ``pipeline.json``): the bare runtime by batch size,
+    and every contender's images/s per corpus."""
+    results = list(result["corpora"].values())
+    left, right = figure.subplots(1, 2)
+    for r in results:
+        for layout, rates in r["bare_runtime_images_per_s"].items():
+            left.plot([int(k) for k in rates], list(rates.values()), marker="o",
+                      label=f"{r['mix']}, {layout}")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("batch size")
+    left.set_ylabel("images/s")
+    left.set_title("bare ONNX Runtime (preprocessed tensors)")
+    left.legend(fontsize=8)
+    colours = {"full": "tab:red", "lightbox": "tab:pink"}
+    bars: list[tuple[str, str, Any]] = [
+        ("bare runtime (best batch)", "grey", lambda r: r["bare_runtime_best"]["images_per_s"]),
+        ("decode pool alone", "tab:orange", lambda r: r["decode_pool_images_per_s"]),
+        ("Lightbox end to end", "tab:blue", lambda r: r["lightbox"]["images_per_s"]),
+        *((f"naive peer, {decode} decode", colours[decode],
+           lambda r, d=decode: r["peers"][d]["images_per_s"]) for decode in results[0]["peers"])]
+    if "lightbox_offcpu_standin" in results[0]:
+        bars += [
+            ("stand-in accelerator alone", "tab:olive",
+             lambda r: r["lightbox_offcpu_standin"]["standin_bare_images_per_s"]),
+            ("Lightbox on the stand-in accelerator", "tab:green",
+             lambda r: r["lightbox_offcpu_standin"]["images_per_s"])]
+    width = 0.8 / len(bars)
+    for i, (label, colour, value) in enumerate(bars):
+        values = [value(r) for r in results]
+        xs = np.arange(len(results)) + i * width
+        right.bar(xs, values, width, label=label, color=colour)
+        for x, v in zip(xs, values, strict=True):
+            right.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    right.set_xticks(np.arange(len(results)) + 0.4 - width / 2, [r["mix"] for r in results])
+    right.set_yscale("log")
+    right.set_ylabel("images/s (log)")
+    right.set_title(f"{result['model']}\n{results[0]['studies']} studies per corpus", fontsize=9)
+    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=MODELS, default="densenet121")
@@ -462,43 +503,6 @@ def main(argv: list[str] | None = None) -> None:
         "goals": {"efficiency_vs_bare_runtime": 0.9, "speedup_vs_peer": 5.0},
     }
 
-    def plot(figure: Any) -> None:
-        left, right = figure.subplots(1, 2)
-        for r in results:
-            for layout, rates in r["bare_runtime_images_per_s"].items():
-                left.plot([int(k) for k in rates], list(rates.values()), marker="o",
-                          label=f"{r['mix']}, {layout}")
-        left.set_xscale("log", base=2)
-        left.set_xlabel("batch size")
-        left.set_ylabel("images/s")
-        left.set_title("bare ONNX Runtime (preprocessed tensors)")
-        left.legend(fontsize=8)
-        colours = {"full": "tab:red", "lightbox": "tab:pink"}
-        bars: list[tuple[str, str, Any]] = [
-            ("bare runtime (best batch)", "grey", lambda r: r["bare_runtime_best"]["images_per_s"]),
-            ("decode pool alone", "tab:orange", lambda r: r["decode_pool_images_per_s"]),
-            ("Lightbox end to end", "tab:blue", lambda r: r["lightbox"]["images_per_s"]),
-            *((f"naive peer, {decode} decode", colours[decode],
-               lambda r, d=decode: r["peers"][d]["images_per_s"]) for decode in args.peer_decodes)]
-        if args.offcpu_speedup > 0:
-            bars += [
-                ("stand-in accelerator alone", "tab:olive",
-                 lambda r: r["lightbox_offcpu_standin"]["standin_bare_images_per_s"]),
-                ("Lightbox on the stand-in accelerator", "tab:green",
-                 lambda r: r["lightbox_offcpu_standin"]["images_per_s"])]
-        width = 0.8 / len(bars)
-        for i, (label, colour, value) in enumerate(bars):
-            values = [value(r) for r in results]
-            xs = np.arange(len(results)) + i * width
-            right.bar(xs, values, width, label=label, color=colour)
-            for x, v in zip(xs, values, strict=True):
-                right.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
-        right.set_xticks(np.arange(len(results)) + 0.4 - width / 2, [r["mix"] for r in results])
-        right.set_yscale("log")
-        right.set_ylabel("images/s (log)")
-        right.set_title(f"{model.description}\n{args.studies} studies per corpus", fontsize=9)
-        right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
-
     summary = f"pipeline ({args.model}): " + "; ".join(
         f"{r['mix']}: Lightbox {r['lightbox']['images_per_s']:.2f} img/s vs bare "
         f"{r['bare_runtime_best']['images_per_s']:.2f} ({r['bare_runtime_best']['layout']}, "
@@ -512,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['lightbox_offcpu_standin']['standin_bare_images_per_s']:.2f} → efficiency "
             f"{r['lightbox_offcpu_standin']['efficiency_vs_standin']:.2f}"
             if args.offcpu_speedup > 0 else "") for r in results)
-    emit("pipeline", result, summary, args.out, plot)
+    emit("pipeline", result, summary, args.out, lambda figure: draw(figure, result))
 
 
 if __name__ == "__main__":
