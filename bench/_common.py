@@ -65,6 +65,33 @@ def installation(data_dir: Path, *, database_url: str | None = None,
             stop_embedded_redis(settings)
 
 
+def dispatch_all(settings: Settings) -> None:
+    """Scheduler passes until every ready study is dispatched (a pass takes at most
+    ``scheduler.dispatch.BATCH``)."""
+    from scheduler.dispatch import PassReport, dispatch_ready
+    from scheduler.route import load_rules
+
+    rules = load_rules()
+    while True:
+        report = PassReport()
+        dispatch_ready(settings, rules, report)
+        if not report.studies_dispatched and not report.studies_unrouted:
+            return
+
+
+def send_all(settings: Settings) -> None:
+    """The scheduler's outbox until every job is sent (a pass sends at most ``BATCH``)."""
+    from lightbox.celery_app import make_celery
+    from scheduler.dispatch import PassReport, send_pending
+
+    app = make_celery(settings)
+    while True:
+        report = PassReport()
+        send_pending(settings, app, report)
+        if not report.jobs_sent:
+            return
+
+
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as handle:
         return subprocess.Popen([sys.executable, *args], env=env, stdout=handle,

@@ -26,16 +26,22 @@ import psutil
 from rich.progress import Progress
 from sqlalchemy import func, select
 
-from bench._common import DEFAULT_OUT, emit, installation, spawn, stop, wait_until
+from bench._common import (
+    DEFAULT_OUT,
+    dispatch_all,
+    emit,
+    installation,
+    send_all,
+    spawn,
+    stop,
+    wait_until,
+)
 from db.models import Job, JobState, WorkerNode
 from db.registry import register_bundle
 from db.session import session_scope
-from lightbox.celery_app import make_celery
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.register import register_file
-from scheduler.route import load_rules
 
 
 def sample(pid: int) -> dict[str, float]:
@@ -86,12 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 for path in study.paths:
                     register_file(settings, path, move=True)
                 progress.advance(task)
-            rules = load_rules()
-            while True:
-                report = PassReport()
-                dispatch_ready(settings, rules, report)
-                if not report.studies_dispatched and not report.studies_unrouted:
-                    break
+            dispatch_all(settings)
             worker = spawn(["-m", "lightbox.cli", "worker"], env, work / "worker.log")
             try:
                 def ready() -> bool:
@@ -102,12 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 samples.append({"studies": 0, **sample(worker.pid)})
                 run = progress.add_task("processing", total=args.studies)
                 started = time.perf_counter()
-                app = make_celery(settings)
-                while True:
-                    report = PassReport()
-                    send_pending(settings, app, report)
-                    if not report.jobs_sent:
-                        break
+                send_all(settings)
                 next_mark = args.every
                 while next_mark <= args.studies:
                     done = wait_until(lambda m=next_mark: (c := _succeeded(settings)) >= m and c,

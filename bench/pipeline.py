@@ -50,7 +50,16 @@ import numpy as np
 from rich.progress import Progress
 from sqlalchemy import func, select
 
-from bench._common import DEFAULT_OUT, emit, installation, spawn, stop, wait_until
+from bench._common import (
+    DEFAULT_OUT,
+    dispatch_all,
+    emit,
+    installation,
+    send_all,
+    spawn,
+    stop,
+    wait_until,
+)
 from bench.models import MODELS, BenchModel
 from bench.models import build as build_model
 from bench.offcpu import SERVICE_ENV
@@ -61,9 +70,7 @@ from lightbox.celery_app import make_celery
 from lightbox.manifest import Manifest, load_manifest
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.register import register_file
-from scheduler.route import load_rules
 from worker.decode_pool import DecodePool
 from worker.runtime_onnx import OnnxRuntime, run_layout
 
@@ -166,28 +173,13 @@ def _prepare_install(settings: Settings, bundle: Path, paths: list[Path]) -> lis
         register_bundle(session, bundle, promote=True)
     for path in paths:
         register_file(settings, path)
-    rules = load_rules()
-    while True:  # a scheduler pass dispatches at most scheduler.dispatch.BATCH studies
-        report = PassReport()
-        dispatch_ready(settings, rules, report)
-        if not report.studies_dispatched:
-            break
+    dispatch_all(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         jobs = list(session.scalars(select(Job.id).order_by(Job.id)))
     studies = len({path.name.split("-")[0] for path in paths})
     if len(jobs) != studies:
         raise RuntimeError(f"{len(jobs)} jobs for {studies} studies")
     return jobs
-
-
-def _send_all(settings: Settings) -> None:
-    """The scheduler's outbox, until every job is sent (a pass sends at most BATCH)."""
-    app = make_celery(settings)
-    while True:
-        report = PassReport()
-        send_pending(settings, app, report)
-        if not report.jobs_sent:
-            return
 
 
 def _succeeded(settings: Settings) -> int:
@@ -232,7 +224,7 @@ def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Nam
                                      else "Lightbox, stand-in accelerator", total=len(jobs))
             cpu_at_start = cpu_seconds(worker.pid)
             started = time.perf_counter()
-            _send_all(settings)
+            send_all(settings)
 
             def done() -> bool:
                 count = _succeeded(settings)
