@@ -37,7 +37,6 @@ pipeline doing this decoding on these cores can reach) and how busy the cores we
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -194,15 +193,16 @@ def _scores(settings: Settings) -> dict[str, float]:
 
 
 def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Namespace,
-                 progress: Progress, offcpu_service: dict[int, float] | None = None
+                 progress: Progress, offcpu_per_image_s: float | None = None
                  ) -> dict[str, Any]:
-    """A real worker over the whole path; with ``offcpu_service`` its models run on the
+    """A real worker over the whole path; with ``offcpu_per_image_s`` its models run on the
     stand-in accelerator (bench/offcpu.py) instead of ONNX Runtime."""
-    name = "lightbox" if offcpu_service is None else "lightbox-offcpu"
+    offcpu = offcpu_per_image_s is not None
+    name = "lightbox-offcpu" if offcpu else "lightbox"
     with installation(work / f"{name}-{args.round}", database_url=args.database_url,
                       redis_url=args.redis_url) as (settings, env):
         jobs = _prepare_install(settings, bundle, paths)
-        concurrency = args.concurrency if offcpu_service is None else args.offcpu_concurrency
+        concurrency = args.offcpu_concurrency if offcpu else args.concurrency
         env.update({"LIGHTBOX_WORKER_CONCURRENCY": str(concurrency),
                     "LIGHTBOX_BATCH_MAX_SIZE": str(args.batch_size),
                     "LIGHTBOX_BATCH_MAX_WAIT_MS": str(args.max_wait_ms),
@@ -210,9 +210,9 @@ def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Nam
                     "LIGHTBOX_ONNX_THREADS": str(args.onnx_threads),
                     "LIGHTBOX_ONNX_PARALLEL_RUNS": str(args.onnx_parallel_runs)})
         command = ["-m", "lightbox.cli", "worker"]
-        if offcpu_service is not None:
+        if offcpu:
             command = ["-m", "bench.offcpu"]
-            env[SERVICE_ENV] = json.dumps(offcpu_service)
+            env[SERVICE_ENV] = repr(offcpu_per_image_s)
         worker = spawn(command, env, work / f"{name}-worker-{args.round}.log")
         try:
             def ready() -> bool:
@@ -220,8 +220,8 @@ def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Nam
                     return session.scalar(select(func.count()).select_from(WorkerNode)) > 0
 
             wait_until(ready, 300, "the Lightbox worker to be ready", 0.2, worker)
-            task = progress.add_task("Lightbox" if offcpu_service is None
-                                     else "Lightbox, stand-in accelerator", total=len(jobs))
+            task = progress.add_task("Lightbox, stand-in accelerator" if offcpu else "Lightbox",
+                                     total=len(jobs))
             cpu_at_start = cpu_seconds(worker.pid)
             started = time.perf_counter()
             send_all(settings)
@@ -332,10 +332,8 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
         ceiling = max(ceiling, decode_ceiling(manifest, paths, args.decode_workers))
         lightbox_runs.append(run_lightbox(work, model.bundle, paths, args, progress))
         if args.offcpu_speedup > 0:
-            per_image = 1.0 / offcpu_rate(rates, args.offcpu_speedup)
-            offcpu_runs.append(run_lightbox(
-                work, model.bundle, paths, args, progress,
-                {size: size * per_image for size in range(1, args.batch_size + 1)}))
+            offcpu_runs.append(run_lightbox(work, model.bundle, paths, args, progress,
+                                            1.0 / offcpu_rate(rates, args.offcpu_speedup)))
         for decode, runs in peer_runs.items():
             runs.append(run_peer(work, model.bundle, model.peer_model, paths, args, progress,
                                  decode))

@@ -211,9 +211,9 @@ class SpoolRegistrar:
     the files stay in the spool, so nothing acknowledged is ever dropped. A slot whose file was
     removed before registration (by hand, by a clean-up job) is not transient: it is logged by
     UID, recorded as a ``spool_instance_vanished`` event, and the rest of its batch goes on. A
-    batch that fails otherwise is retried one instance at a time; an instance that still fails is left in the
-    spool (logged by UID) and registered at the next start. Should the process die, the
-    slots it held are registered at the next start too, and a new process takes over."""
+    batch that fails otherwise is retried one instance at a time; an instance that still fails
+    is left in the spool (logged by UID) and registered at the next start. Should the process
+    die, the slots it held are registered at the next start too, and a new process takes over."""
 
     def __init__(self, settings: Settings, spool: Spool, counts: dict[str, int],
                  lock: threading.Lock) -> None:
@@ -323,7 +323,7 @@ def run_registrar(settings: Settings, items: multiprocessing.Queue[Received | No
             gone = vanished(settings, pending)
             if gone:  # not transient: retrying would hold back everything behind them
                 results.put({"vanished": _report_vanished(settings, gone)})
-                pending = [item for item in pending if all(item is not g for g in gone)]
+                pending = [item for item in pending if item not in gone]
                 continue
             delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
             failures += 1
