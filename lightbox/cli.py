@@ -202,6 +202,10 @@ main.add_command(_pacs.export)
 from lightbox.commands.jobs import jobs as _jobs  # noqa: E402
 
 main.add_command(_jobs)
+# -- operator's face (explain, demo --serve) --
+from lightbox.commands.explain import explain as _explain  # noqa: E402
+
+main.add_command(_explain)
 
 
 if __name__ == "__main__":
