@@ -175,11 +175,13 @@ def status(fmt: str, limit: int) -> None:
 @main.command()
 @click.option("--studies", default=8, show_default=True, help="Synthetic studies to generate.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for results.")
-def demo(studies: int, timeout: float) -> None:
+@click.option("--serve", is_flag=True, help="Afterwards keep everything running with the API "
+              "and dashboard (prints the URL and a token); Ctrl-C stops it all.")
+def demo(studies: int, timeout: float, serve: bool) -> None:
     """Run the whole path on this machine with nothing else running, then shut it all down."""
     from lightbox.demo import run_demo
 
-    sys.exit(run_demo(get_settings(), console, studies=studies, timeout=timeout))
+    sys.exit(run_demo(get_settings(), console, studies=studies, timeout=timeout, serve=serve))
 
 
 # Command groups that live in their own modules (one module per area, under lightbox/commands/).

@@ -76,8 +76,9 @@ def throughput_svg(minutes: list[int], width: int = 720, height: int = 160) -> M
                      f'height="{h:.1f}"><title>{60 - i} min ago: {count}</title></rect>')
     for minutes_ago in (60, 45, 30, 15, 0):
         x = pad_left + (60 - minutes_ago) * bar
+        label, anchor = (f"-{minutes_ago} min", "middle") if minutes_ago else ("now", "end")
         parts.append(f'<text x="{x:.1f}" y="{height - 6}" class="tick" '
-                     f'text-anchor="middle">-{minutes_ago} min</text>')
+                     f'text-anchor="{anchor}">{label}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
 

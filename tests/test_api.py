@@ -17,6 +17,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -61,7 +62,7 @@ def seed(backend: Backend, model_id: int, tmp: Path, chest_studies: int = 5) -> 
     settings = backend.settings.model_copy(update={"quiet_seconds": 0.0})
     rng = np.random.default_rng(7)
     inbox = tmp / "inbox"
-    chest = [write_study(inbox, rng, label=i % 2, images=1 + (i == 0), size=64,
+    chest = [write_study(inbox, rng, label=i % 2, images=1 + (i == 0), size=128,
                          patient_id=f"SYN{i:04d}") for i in range(chest_studies)]
     ct = write_ct_study(inbox)
     # A file of the first chest study cut short: quarantined, and its study named in the event.
@@ -97,7 +98,7 @@ def seed(backend: Backend, model_id: int, tmp: Path, chest_studies: int = 5) -> 
     save_heatmap(settings, done, first.sop_instance_uids[0], cam)
     with session_scope(settings.sqlalchemy_url) as session:
         session.add(Export(job_id=done, destination="pacs", kind="sr", state=ExportState.sent,
-                           attempts=1))
+                           attempts=1, sent_at=datetime.now(timezone.utc)))
         session.add(Export(job_id=done, destination="web", kind="sr", state=ExportState.dead,
                            attempts=6, error_code="http_503",
                            error_detail="service unavailable after 6 attempts"))
