@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, text, tuple_
+from sqlalchemy import and_, exists, func, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -125,17 +125,16 @@ def no_jit(session: Session) -> None:
         session.execute(text("SET LOCAL jit = off"))
 
 
-def study_state_expr() -> ColumnElement[str]:
-    """The derived state as one SQL expression (filterable and selectable on both backends)."""
-    return case(
-        (Study.status == StudyStatus.receiving, "receiving"),
-        (Study.status == StudyStatus.unrouted, "unrouted"),
-        (_current_jobs_in(JobState.running), "running"),
-        (_current_jobs_in(JobState.dead), "failed"),
-        (_current_jobs_in(JobState.failed), "waiting"),
-        (_current_jobs_in(JobState.queued), "queued"),
-        else_="done",
-    )
+def derive_state(status: StudyStatus, job_states: list[JobState]) -> str:
+    """The state from the study's status and the states of its dispatched revision's jobs
+    (the Python twin of :func:`state_condition`, for rows already fetched)."""
+    if status in (StudyStatus.receiving, StudyStatus.unrouted):
+        return status.value
+    for name, state in (("running", JobState.running), ("failed", JobState.dead),
+                        ("waiting", JobState.failed), ("queued", JobState.queued)):
+        if state in job_states:
+            return name
+    return "done"
 
 
 # -- studies ---------------------------------------------------------------------------------------
@@ -155,10 +154,11 @@ def list_studies(session: Session, filters: StudyFilters, *, after: str | None =
                  limit: int = 50) -> Page:
     """Studies newest first (first instance received), filtered, one keyset page."""
     limit = max(1, min(limit, MAX_PAGE))
-    no_jit(session)
-    state = study_state_expr().label("state")
+    # The state is derived for the page's rows afterwards (one query for 50 studies): as a
+    # CASE of EXISTS in the SELECT list, PostgreSQL hashes every dead/queued job per request.
     query = select(Study.id, Study.study_instance_uid, Study.first_received_at,
-                   Study.last_received_at, Study.revision, Study.priority, Study.status, state)
+                   Study.last_received_at, Study.revision, Study.dispatched_revision,
+                   Study.priority, Study.status)
     if filters.since is not None:
         query = query.where(Study.first_received_at >= filters.since)
     if filters.until is not None:
@@ -179,6 +179,7 @@ def list_studies(session: Session, filters: StudyFilters, *, after: str | None =
         if filters.state not in STUDY_STATES:
             raise ValueError(f"state must be one of {', '.join(STUDY_STATES)}")
         query = query.where(state_condition(filters.state))
+        no_jit(session)
     if after:
         at, ident = _time_id_cursor(after)
         query = query.where(tuple_(Study.first_received_at, Study.id) < tuple_(at, ident))
@@ -187,8 +188,17 @@ def list_studies(session: Session, filters: StudyFilters, *, after: str | None =
     more = len(rows) > limit
     rows = rows[:limit]
     summaries = _study_summaries(session, [r.id for r in rows])
+    job_states: dict[int, list[JobState]] = {}
+    if rows:
+        revisions = {r.id: r.dispatched_revision for r in rows}
+        for study_id, revision, state_ in session.execute(
+                select(Job.study_id, Job.study_revision, Job.state)
+                .where(Job.study_id.in_(list(revisions)))):
+            if revision == revisions[study_id]:
+                job_states.setdefault(study_id, []).append(state_)
     items = [{
-        "study_instance_uid": r.study_instance_uid, "state": r.state,
+        "study_instance_uid": r.study_instance_uid,
+        "state": derive_state(r.status, job_states.get(r.id, [])),
         "priority": r.priority.value, "revision": r.revision,
         "first_received_at": r.first_received_at, "last_received_at": r.last_received_at,
         **summaries.get(r.id, _empty_summary()),
@@ -249,13 +259,10 @@ def _channel(source: str | None) -> str:
 
 def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
     """Everything about one study, for its page; None when the study is not known."""
-    no_jit(session)
-    state = study_state_expr().label("state")
-    head = session.execute(select(Study, state).where(
+    study = session.scalars(select(Study).where(
         Study.study_instance_uid == study_uid)).first()
-    if head is None:
+    if study is None:
         return None
-    study: Study = head[0]
     series = []
     for s, count in session.execute(
             select(Series, func.count(Instance.id))
@@ -263,12 +270,21 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
             .where(Series.study_id == study.id).group_by(Series.id).order_by(Series.id)):
         series.append({"series_instance_uid": s.series_instance_uid, "modality": s.modality,
                        "tags": s.tags or {}, "instances": count})
-    revisions = [{"revision": rev, "instances": n, "first_received_at": first,
-                  "last_received_at": last} for rev, n, first, last in session.execute(
-        select(Instance.study_revision, func.count(), func.min(Instance.received_at),
-               func.max(Instance.received_at))
+    # Instances by revision and channel: the revisions table and the timeline's receipts.
+    receipts = session.execute(
+        select(Instance.study_revision, Instance.source, func.count(),
+               func.min(Instance.received_at), func.max(Instance.received_at))
         .join(Series, Instance.series_id == Series.id).where(Series.study_id == study.id)
-        .group_by(Instance.study_revision).order_by(Instance.study_revision))]
+        .group_by(Instance.study_revision, Instance.source)).all()
+    by_revision: dict[int, dict[str, Any]] = {}
+    for rev, _source, n, first, last in receipts:
+        row = by_revision.setdefault(rev, {"revision": rev, "instances": 0,
+                                           "first_received_at": first,
+                                           "last_received_at": last})
+        row["instances"] += n
+        row["first_received_at"] = min(row["first_received_at"], first)
+        row["last_received_at"] = max(row["last_received_at"], last)
+    revisions = [by_revision[rev] for rev in sorted(by_revision)]
     jobs = [{
         "job_id": j.id, "model": name, "model_version": version, "revision": j.study_revision,
         "state": j.state.value, "priority": j.priority.value, "attempts": j.attempts,
@@ -286,21 +302,24 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
         select(Finding, Model.name, Model.version).join(Job, Finding.job_id == Job.id)
         .join(Model, Job.model_id == Model.id).where(Finding.study_id == study.id)
         .order_by(Finding.superseded, Finding.sop_instance_uid, Finding.label))]
+    export_rows = list(session.scalars(
+        select(Export).join(Job, Export.job_id == Job.id)
+        .where(Job.study_id == study.id, Export.kind != "none").order_by(Export.id)))
     exports = [{
         "export_id": e.id, "job_id": e.job_id, "destination": e.destination, "kind": e.kind,
         "state": e.state.value, "attempts": e.attempts, "sent_at": e.sent_at,
         "error_code": e.error_code, "error_detail": e.error_detail,
-    } for e in session.scalars(
-        select(Export).join(Job, Export.job_id == Job.id)
-        .where(Job.study_id == study.id, Export.kind != "none").order_by(Export.id))]
+    } for e in export_rows]
     return {
-        "study_instance_uid": study.study_instance_uid, "state": head[1],
+        "study_instance_uid": study.study_instance_uid,
+        "state": derive_state(study.status, [JobState(j["state"]) for j in jobs
+                                             if j["revision"] == study.dispatched_revision]),
         "status": study.status.value, "priority": study.priority.value,
         "revision": study.revision, "dispatched_revision": study.dispatched_revision,
         "first_received_at": study.first_received_at, "last_received_at": study.last_received_at,
         "routed_at": study.routed_at, "series": series, "revisions": revisions, "jobs": jobs,
         "findings": findings, "exports": exports,
-        "timeline": _timeline(session, study, jobs),
+        "timeline": _timeline(session, study, jobs, receipts, export_rows),
     }
 
 
@@ -314,13 +333,10 @@ def _entry(at: datetime | None, kind: str, text: str, **extra: Any) -> dict[str,
     return {"at": at, "kind": kind, "text": text, **extra}
 
 
-def _timeline(session: Session, study: Study, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _timeline(session: Session, study: Study, jobs: list[dict[str, Any]],
+              receipts: list[Any], export_rows: list[Export]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
-    for rev, source, n, first in session.execute(
-            select(Instance.study_revision, Instance.source, func.count(),
-                   func.min(Instance.received_at))
-            .join(Series, Instance.series_id == Series.id).where(Series.study_id == study.id)
-            .group_by(Instance.study_revision, Instance.source)):
+    for rev, source, n, first, _last in receipts:
         entries.append(_entry(first, "received", f"received {n} instance{'s' * (n != 1)} from "
                               f"{_channel(source)} (revision {rev})", revision=rev))
     job_models = {j["job_id"]: f"{j['model']} {j['model_version']}" for j in jobs}
@@ -335,22 +351,20 @@ def _timeline(session: Session, study: Study, jobs: list[dict[str, Any]]) -> lis
         text = _event_text(event, job_models)
         if text:
             entries.append(_entry(event.at, event.kind, text, job_id=event.job_id))
-    if job_models:
-        for e in session.scalars(select(Export).where(
-                Export.job_id.in_(list(job_models)), Export.kind != "none").order_by(Export.id)):
-            what = f"{'SR' if e.kind == 'sr' else 'heatmap SC'} of job {e.job_id}"
-            if e.state == ExportState.sent:
-                entries.append(_entry(e.sent_at, "export_sent",
-                                      f"{what} exported to {e.destination}", job_id=e.job_id))
-            elif e.state == ExportState.dead:
-                entries.append(_entry(e.not_before or e.created_at, "export_dead",
-                                      f"{what} to {e.destination} dead after {e.attempts} "
-                                      f"attempt(s): {e.error_code}: {e.error_detail}",
-                                      job_id=e.job_id))
-            else:
-                entries.append(_entry(e.created_at, "export_pending",
-                                      f"{what} waiting to be exported to {e.destination} "
-                                      f"({e.attempts} attempt(s) so far)", job_id=e.job_id))
+    for e in export_rows:
+        what = f"{'SR' if e.kind == 'sr' else 'heatmap SC'} of job {e.job_id}"
+        if e.state == ExportState.sent:
+            entries.append(_entry(e.sent_at, "export_sent",
+                                  f"{what} exported to {e.destination}", job_id=e.job_id))
+        elif e.state == ExportState.dead:
+            entries.append(_entry(e.not_before or e.created_at, "export_dead",
+                                  f"{what} to {e.destination} dead after {e.attempts} "
+                                  f"attempt(s): {e.error_code}: {e.error_detail}",
+                                  job_id=e.job_id))
+        else:
+            entries.append(_entry(e.created_at, "export_pending",
+                                  f"{what} waiting to be exported to {e.destination} "
+                                  f"({e.attempts} attempt(s) so far)", job_id=e.job_id))
     epoch = datetime.min.replace(tzinfo=timezone.utc)
     # Things recorded in one transaction share a timestamp: ties go in the order they happen.
     entries.sort(key=lambda e: (e["at"] or epoch, _RANK.get(e["kind"], 5)))
@@ -441,7 +455,6 @@ def list_findings(session: Session, filters: FindingFilters, *, after: str | Non
                   limit: int = 100) -> Page:
     """Findings newest first (by id), one keyset page."""
     limit = max(1, min(limit, MAX_PAGE))
-    no_jit(session)
     query = _findings_query(filters)
     if after:
         query = query.where(Finding.id < _id_cursor(after))
