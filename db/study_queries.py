@@ -366,8 +366,11 @@ def _timeline(session: Session, study: Study, jobs: list[dict[str, Any]],
                                   f"{what} waiting to be exported to {e.destination} "
                                   f"({e.attempts} attempt(s) so far)", job_id=e.job_id))
     epoch = datetime.min.replace(tzinfo=timezone.utc)
-    # Things recorded in one transaction share a timestamp: ties go in the order they happen.
-    entries.sort(key=lambda e: (e["at"] or epoch, _RANK.get(e["kind"], 5)))
+    # Steps of one pass are stamped microseconds apart, not always in causal order (a job's
+    # created_at is taken before its routing event is written): within a second, the order
+    # in which things happen to a study decides.
+    entries.sort(key=lambda e: ((e["at"] or epoch).replace(microsecond=0),
+                                _RANK.get(e["kind"], 5), e["at"] or epoch))
     return entries
 
 
