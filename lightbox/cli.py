@@ -108,7 +108,16 @@ def results(study_uid: str | None, label: str | None, min_score: float | None,
     with db_session() as session:
         rows = findings(session, study_uid=study_uid, label=label, min_score=min_score,
                         since=since, include_superseded=include_superseded)
+        state = None
+        if study_uid and not rows:
+            from db.study_queries import study_detail
+
+            detail = study_detail(session, study_uid)
+            state = "not known" if detail is None else detail["state"]
     print_rows(console, rows, fmt)
+    if state is not None:  # on stderr: the table/JSON/CSV on stdout stays parseable
+        click.echo(f"no findings: study {study_uid} is {state}; why: lightbox explain "
+                   f"{study_uid}", err=True)
 
 
 def queue_depth(settings: Settings) -> int | None:

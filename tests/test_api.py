@@ -293,6 +293,10 @@ def test_explain(backend: Backend, registered_model: tuple[int, str], tmp_path: 
                          env=backend.env, capture_output=True, text=True, check=True)
     kinds = [e["kind"] for e in json.loads(out.stdout)["timeline"]]
     assert "file_quarantined" in kinds and "export_dead" in kinds
+    empty = subprocess.run([*_cli(), "results", "--study", seeded.ct, "--format", "json"],
+                           env=backend.env, capture_output=True, text=True, check=True)
+    assert json.loads(empty.stdout) == []
+    assert "unrouted" in empty.stderr and f"lightbox explain {seeded.ct}" in empty.stderr
     missing = subprocess.run([*_cli(), "explain", "1.2.3.4.5"], env=backend.env,
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "not known" in (missing.stdout + missing.stderr)
