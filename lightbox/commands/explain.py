@@ -38,7 +38,7 @@ def explain(study_uid: str, fmt: str) -> None:
                   f"priority {detail['priority']}, revision {detail['revision']}, "
                   f"{sum(not f['superseded'] for f in detail['findings'])} finding(s)"
                   + (f", positive: {', '.join(positive)}" if positive else ""),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     for entry in detail["timeline"]:
         when = entry["at"].strftime("%Y-%m-%d %H:%M:%S") if entry["at"] else "?"
         console.print(f"{when}  {escape(entry['text'])}", highlight=False, soft_wrap=True)
