@@ -165,6 +165,15 @@ def test_dashboard_in_chromium(browser, running, tmp_path: Path) -> None:  # typ
 
     wait_for(succeeded, 300, interval=2, what=f"job {seeded.dead_job} to succeed after retry")
 
+    # A model's page: metrics, thresholds and the bundle's ROC plot.
+    driver.get(base + f"/models/chest/{staging_version}")
+    assert page_has("auroc") and page_has("Thresholds")
+    roc = driver.find_element(By.CSS_SELECTOR, "img[alt='roc.png']")
+    wait_for(lambda: driver.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth", roc), 60,
+        what="the ROC plot")
+    driver.save_screenshot(str(shots / "dashboard-model.png"))
+
     # Promote the staging version.
     driver.get(base + "/models")
     driver.save_screenshot(str(shots / "dashboard-models.png"))
