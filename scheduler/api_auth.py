@@ -8,8 +8,9 @@ match nor its position leaks through timing.
 
 The dashboard signs in with a token once and then carries a session cookie: the token's *name*,
 role, a CSRF secret and an expiry, signed with HMAC-SHA256 under a key made at start (a restart
-signs everyone out). The cookie never holds the token; a token removed from the configuration
-stops its sessions at the next request.
+signs everyone out, and so does removing a token from the configuration, which takes a
+restart). The cookie never holds the token, and each request checks that the session's token
+name still has that role.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 - jobs (study_id, study_revision, state): the derived study state (an EXISTS per study);
 - findings (study_id, label, score): "has a finding with label L scoring at least S";
 - series (study_id, modality): the modality filter;
-- events (study_instance_uid) and events (job_id): a study's timeline without scanning the log.
+- events (study_instance_uid) and events (job_id): a study's timeline without scanning the log;
+- findings (created_at): the dashboard's throughput over the last hour.
 
 Revision ID: 0004_api
 Revises: 0003_reliability
@@ -23,6 +24,7 @@ INDEXES = [
     ("ix_series_study_modality", "series", ["study_id", "modality"]),
     ("ix_events_study_uid", "events", ["study_instance_uid"]),
     ("ix_events_job_id", "events", ["job_id"]),
+    ("ix_findings_created_at", "findings", ["created_at"]),
 ]
 
 
