@@ -108,7 +108,16 @@ def results(study_uid: str | None, label: str | None, min_score: float | None,
     with db_session() as session:
         rows = findings(session, study_uid=study_uid, label=label, min_score=min_score,
                         since=since, include_superseded=include_superseded)
+        state = None
+        if study_uid and not rows:
+            from db.study_queries import study_detail
+
+            detail = study_detail(session, study_uid)
+            state = "not known" if detail is None else detail["state"]
     print_rows(console, rows, fmt)
+    if state is not None:  # on stderr: the table/JSON/CSV on stdout stays parseable
+        click.echo(f"no findings: study {study_uid} is {state}; why: lightbox explain "
+                   f"{study_uid}", err=True)
 
 
 def queue_depth(settings: Settings) -> int | None:
@@ -175,11 +184,13 @@ def status(fmt: str, limit: int) -> None:
 @main.command()
 @click.option("--studies", default=8, show_default=True, help="Synthetic studies to generate.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for results.")
-def demo(studies: int, timeout: float) -> None:
+@click.option("--serve", is_flag=True, help="Afterwards keep everything running with the API "
+              "and dashboard (prints the URL and a token); Ctrl-C stops it all.")
+def demo(studies: int, timeout: float, serve: bool) -> None:
     """Run the whole path on this machine with nothing else running, then shut it all down."""
     from lightbox.demo import run_demo
 
-    sys.exit(run_demo(get_settings(), console, studies=studies, timeout=timeout))
+    sys.exit(run_demo(get_settings(), console, studies=studies, timeout=timeout, serve=serve))
 
 
 # Command groups that live in their own modules (one module per area, under lightbox/commands/).
@@ -202,6 +213,10 @@ main.add_command(_pacs.export)
 from lightbox.commands.jobs import jobs as _jobs  # noqa: E402
 
 main.add_command(_jobs)
+# -- operator's face (explain, demo --serve) --
+from lightbox.commands.explain import explain as _explain  # noqa: E402
+
+main.add_command(_explain)
 
 
 if __name__ == "__main__":

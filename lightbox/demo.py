@@ -145,7 +145,43 @@ def _throughput(settings: Settings, uids: list[str]) -> tuple[int, float]:
     return int(images), seconds
 
 
-def run_demo(settings: Settings, console: Console, *, studies: int, timeout: float) -> int:
+def _serve(settings: Settings, console: Console, services: Services, env: dict[str, str],
+           logs: Path) -> int:
+    """Keep everything running with `lightbox api` beside it, until Ctrl-C or a process dies."""
+    import secrets
+
+    import httpx
+
+    token = env.get("LIGHTBOX_API_TOKEN") or secrets.token_urlsafe(18)
+    services.start("api", ["api"], {**env, "LIGHTBOX_API_TOKEN": token}, logs)
+    url = f"http://{settings.api_host}:{settings.api_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if (problem := services.check_alive()) is not None or time.monotonic() > deadline:
+            console.print(f"[red]{problem or 'the API did not answer'}; see {logs}/api.log[/red]")
+            return 1
+        time.sleep(0.3)
+    console.rule("Dashboard")
+    console.print(f"open {url}/ and sign in with the token [bold]{token}[/bold]")
+    console.print(f"API: curl -H 'Authorization: Bearer {token}' {url}/api/v1/studies")
+    console.print("the worker, scheduler and watcher keep running; Ctrl-C stops everything")
+    try:
+        while (problem := services.check_alive()) is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping")
+        return 0
+    console.print(f"[red]{problem}; see {logs}[/red]")
+    return 1
+
+
+def run_demo(settings: Settings, console: Console, *, studies: int, timeout: float,
+             serve: bool = False) -> int:
     settings.data_path.mkdir(parents=True, exist_ok=True)
     console.rule("Lightbox demo")
     console.print(f"data directory: {settings.data_path}")
@@ -203,10 +239,11 @@ def run_demo(settings: Settings, console: Console, *, studies: int, timeout: flo
         console.print(f"throughput: {n_images} images in {seconds:.2f} s of job time = "
                       f"{rate:.1f} images/s ({len(uids)} studies, end to end "
                       f"{time.monotonic() - started:.1f} s incl. {DEMO_ENV['LIGHTBOX_QUIET_SECONDS']} s quiet time)")
+        console.print(f"why the CT study has no finding: lightbox explain {ct_uid}")
         if missing:
             console.print(f"[red]{len(missing)} studies have no findings[/red]")
             return 1
-        return 0
+        return _serve(settings, console, services, env, logs) if serve else 0
     finally:
         services.stop(settings)
         console.print("stopped worker, scheduler and watcher"

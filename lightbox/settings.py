@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     api_token: str | None = Field(
         default=None, description="Bearer token for the REST/DICOMweb API (required)."
     )
+    api_tokens: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description='Named API tokens with a role, JSON: [{"name": "ris", "token": "...", '
+        '"role": "read"}, {"name": "alice", "token": "...", "role": "operator"}]; read: '
+        "queries; operator: also retry, cancel, promote, STOW-RS. LIGHTBOX_API_TOKEN is one "
+        "more operator token.",
+    )
     pacs_ae_title: str = Field(default="PACS", description="AE title of the PACS to pull from.")
     pacs_host: str = Field(default="127.0.0.1", description="Host of the PACS to pull from.")
     pacs_port: int = Field(default=104, description="DICOM port of the PACS to pull from.")

@@ -23,6 +23,22 @@ def _safe_name(name: str) -> str:
     return cleaned.lstrip(".") or "file"
 
 
+def _study_uid_of(path: Path) -> str | None:
+    """The Study Instance UID of a quarantined file when its header still names one, so the
+    study's timeline can say that one of its files was quarantined and why."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["StudyInstanceUID"])
+        uid = str(ds.get("StudyInstanceUID", "") or "")
+    except Exception:  # noqa: BLE001 - the file is bad by definition; no UID is fine
+        return None
+    return uid if 0 < len(uid) <= 64 and all(c.isdigit() or c == "." for c in uid) else None
+
+
 def quarantine_file(
     settings: Settings, session: Session, path: Path, *, code: str, reason: str, move: bool,
     sha256: str | None = None,
@@ -52,8 +68,8 @@ def quarantine_file(
         sha256=sha256, reason_code=code, reason=reason,
     )
     session.add(row)
-    session.add(Event(kind="file_quarantined", detail={"code": code, "reason": reason,
-                                                       "path": str(target)}))
+    session.add(Event(kind="file_quarantined", study_instance_uid=_study_uid_of(target),
+                      detail={"code": code, "reason": reason, "path": str(target)}))
     # File names can carry patient names (exports named "DOE_JOHN.dcm"): log the quarantine id.
     log.warning("quarantined file %s: %s (%s)", target.name.split("-", 1)[0], reason, code)
     return row

@@ -31,7 +31,8 @@ def scp() -> None:
 
 @click.command()
 def api() -> None:
-    """Run the HTTP API: DICOMweb STOW-RS at /dicom-web/studies (bearer token required)."""
+    """Run the HTTP API and dashboard: REST API v1, DICOMweb STOW-RS, the dashboard at /
+    (tokens required: LIGHTBOX_API_TOKENS or LIGHTBOX_API_TOKEN)."""
     import uvicorn
 
     from scheduler.api import make_app
@@ -39,9 +40,13 @@ def api() -> None:
     settings = get_settings()
     setup_logging(settings)
     ensure_db(settings)
-    if not settings.api_token:
-        raise click.ClickException("set LIGHTBOX_API_TOKEN: the API never runs unauthenticated")
-    uvicorn.run(make_app(settings), host=settings.api_host, port=settings.api_port,
+    from lightbox.errors import ConfigurationError
+
+    try:
+        app = make_app(settings)
+    except ConfigurationError as exc:
+        raise click.ClickException(f"{exc}: the API never runs unauthenticated") from exc
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port,
                 log_level=settings.log_level.lower())
 
 
