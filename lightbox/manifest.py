@@ -78,9 +78,25 @@ class Manifest(BaseModel):
         default_factory=dict, description="TensorRT engine file -> precision, gpu_name, "
         "compute_capability, tensorrt_version, max_batch (built by `lightbox compile`).")
     plots: list[str] = Field(default_factory=list, description="PNG files in the bundle.")
+    # Added by issue 23 (task-aware outputs, honest training); optional for older manifests.
+    background_class: str | None = Field(
+        default=None, description="multiclass: the class that is no finding (e.g. 'normal'); "
+        "predicted, it is reported as absent, never present.")
+    confident_threshold: float | None = Field(
+        default=None, description="multiclass: a top probability below this is 'indeterminate' "
+        "(chosen on validation); None: every prediction is decided.")
+    monitor: str | None = Field(
+        default=None, description="What early stopping monitored and the best epoch was kept "
+        "by: 'val_loss' (default), 'auroc' or 'accuracy'.")
 
     def threshold_for(self, label: str) -> float:
         return self.thresholds.get(label, 0.5)
+
+    @property
+    def synthetic(self) -> bool:
+        """Trained on SYNTHETIC data: its findings say so, everywhere they are shown."""
+        return self.training_data.get("kind") == "synthetic" or bool(
+            self.training_data.get("synthetic"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
