@@ -24,7 +24,7 @@ from torch import nn
 
 from db.registry import register_bundle
 from db.session import session_scope
-from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
+from lightbox.manifest import FeatureSpec, InputSpec, Manifest, PreprocessSpec
 from lightbox.settings import Settings
 from trainer.architectures import Scorer, build_network, has_cam
 from trainer.datasets import LabelledSet, load_source, open_source
@@ -240,6 +240,19 @@ def decided_metrics(scores: np.ndarray, y: np.ndarray, threshold: float | None,
     return metrics
 
 
+def _with_features(draft: Manifest, data: LabelledSet) -> Manifest:
+    """A metadata model's manifest: the header encoding fitted on its data, and an input of
+    (width, 1, 1) so runtimes and batchers treat the vector like any tensor."""
+    features = data.summary.get("features")
+    if not features:
+        return draft
+    specs = [FeatureSpec.model_validate(f) for f in features]  # type: ignore[union-attr]
+    width = sum(spec.width for spec in specs)
+    return draft.model_copy(update={
+        "kind": "tabular", "features": specs,
+        "input": InputSpec(name="features", channels=width, height=1, width=1)})
+
+
 def train_model(
     settings: Settings, data: LabelledSet, config: TrainConfig, *, register: bool = True,
     promote: bool = True, resume: bool = False, checkpoint_dir: Path | None = None,
@@ -254,7 +267,7 @@ def train_model(
     split = patient_split(data.patients, data.y, val_fraction=config.val_fraction,
                           test_fraction=config.test_fraction, seed=config.seed + 1)
     train, val, test = (data.subset(i) for i in (split.train, split.validation, split.test))
-    draft = draft_manifest(config, data.labels, data.task)
+    draft = _with_features(draft_manifest(config, data.labels, data.task), data)
     checkpoint_dir = checkpoint_dir or settings.data_path / "runs" / config.name
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     digest = run_digest(config.fit_config(), config.architecture, data.task, data.x, data.y)
@@ -317,7 +330,7 @@ def train_model(
                 "background_class": config.background_class,
                 "confident_threshold": confident,
                 "training_data": {
-                    **{k: v for k, v in data.summary.items() if k != "cache"},
+                    **{k: v for k, v in data.summary.items() if k not in ("cache", "features")},
                     "source": data.summary.get("kind"), "positives": positives,
                     "train_images": len(train), "validation_images": len(val),
                     "test_images": len(test),

@@ -56,8 +56,8 @@ class JobRunner(Protocol):
 
 def same_input(a: LoadedModel, b: LoadedModel) -> bool:
     """Two models that take the same tensor from a file can share one decode (shadow mode)."""
-    return a.manifest.input == b.manifest.input and \
-        a.manifest.preprocessing == b.manifest.preprocessing
+    return (a.manifest.input, a.manifest.preprocessing, a.manifest.kind, a.manifest.features) \
+        == (b.manifest.input, b.manifest.preprocessing, b.manifest.kind, b.manifest.features)
 
 
 def _wait_all(images: list[ImageRef], futures: list[Future[ImageResult]],

@@ -106,13 +106,20 @@ def train_with_progress(settings: Settings, **kwargs: object):  # type: ignore[n
               default=None, help="Multiclass: choose a confident threshold on the top "
               "probability so that decided validation images reach this top-1 accuracy; below "
               "it an image is 'indeterminate'.")
+@click.option("--kind", type=click.Choice(["image", "tabular"]), default="image",
+              show_default=True, help="tabular: a metadata model (small MLP) on the DICOM "
+              "header values named by --features; without --data, SYNTHETIC headers (the "
+              "view task: AP / LATERAL / PA).")
+@click.option("--features", default=None,
+              help="tabular: comma-separated header keywords (default: KVP, ExposureInuAs, "
+                   "DistanceSourceToDetector, PatientAge, PatientSex, Manufacturer).")
 @click.option("--json", "as_json", is_flag=True, help="stdout is one JSON document only.")
 def train(name: str, data: Path | None, labels_csv: Path | None, images: int, architecture: str,
           size: int, epochs: int, batch_size: int, lr: float, patience: int, seed: int,
           val_fraction: float, test_fraction: float, threshold_policy: str | None,
           version: str | None, resume: bool, register: bool, promote: bool, monitor: str,
-          background_class: str | None, confident_accuracy: float | None,
-          as_json: bool) -> None:
+          background_class: str | None, confident_accuracy: float | None, kind: str,
+          features: str | None, as_json: bool) -> None:
     """Train a model, export a verified ONNX bundle and register it as staging.
 
     One line per epoch (losses, AUROC, accuracy, seconds) and the early-stopping decision go
@@ -133,12 +140,28 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
         threshold_policy=threshold_policy or settings.train_threshold_policy, version=version,
         monitor=monitor, background_class=background_class,
         confident_accuracy=confident_accuracy)
+    if kind == "tabular":
+        from dataclasses import replace
+
+        config = replace(config, architecture="tabular_mlp", input_size=1)
+        if data is not None and labels_csv is None:
+            raise click.UsageError("--kind tabular with --data needs --labels-csv")
     if data is None:
-        err_console.print(f"training on {images} SYNTHETIC radiographs (not patient data)")
+        what = "header value sets" if kind == "tabular" else "radiographs"
+        err_console.print(f"training on {images} SYNTHETIC {what} (not patient data)")
     try:
         with _progress(err_console) as report:
-            dataset = load_training_data(settings, config, data=data, labels_csv=labels_csv,
-                                         synthetic_images=images, progress=report)
+            if kind == "tabular":
+                from trainer.tabular import DEFAULT_FEATURES, csv_tabular_set, synthetic_tabular_set
+
+                keywords = [k.strip() for k in features.split(",") if k.strip()] \
+                    if features else DEFAULT_FEATURES
+                dataset = (synthetic_tabular_set(images, keywords, seed=seed) if data is None
+                           else csv_tabular_set(data, labels_csv, keywords))  # type: ignore[arg-type]
+            else:
+                dataset = load_training_data(settings, config, data=data,
+                                             labels_csv=labels_csv, synthetic_images=images,
+                                             progress=report)
             result = train_model(settings, dataset, config, register=register,
                                  promote=promote and register, resume=resume, progress=report)
     except (LightboxError, ValueError) as exc:
