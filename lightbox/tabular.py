@@ -9,11 +9,13 @@ exceptions (PatientAge and PatientSex are demographic data; only findings are st
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from lightbox.manifest import FeatureSpec, Manifest
@@ -49,18 +51,27 @@ def category(value: object) -> str | None:
 
 
 def header_values(ds: Dataset, keywords: list[str]) -> dict[str, object]:
-    """The named top-level header values of ``ds`` (None where absent or empty)."""
+    """The named top-level header values of ``ds`` (None where absent or empty), read from
+    the raw bytes where still raw: pydicom's value validation would warn and log a bad value
+    with the value in the message, and header values must not reach logs."""
     values: dict[str, object] = {}
     for keyword in keywords:
-        element = ds.get(keyword)
-        values[keyword] = None if element is None or element == "" else element
+        tag = tag_for_keyword(keyword)
+        item = ds.get_item(tag) if tag is not None else None
+        value = None if item is None else item.value
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace").split("\\")[0].strip(" \x00")
+        values[keyword] = None if value is None or value == "" else value
     return values
 
 
 def read_header(path: Path | str, keywords: list[str]) -> dict[str, object]:
-    """Header values of a file, without reading its pixels."""
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
-    return header_values(ds, keywords)
+    """Header values of a file, without reading its pixels. pydicom's warnings about odd
+    values quote the value, so they are silenced here: header values must not reach logs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+        return header_values(ds, keywords)
 
 
 def encode(header: Header, features: list[FeatureSpec]) -> np.ndarray:

@@ -338,3 +338,38 @@ def test_metadata_model_end_to_end(backend: Backend, view_model: Path, tmp_path:
     assert "KVP" not in stored and "PatientAge" not in stored  # findings only, no features
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log and "KVP" not in log and "Exposure" not in log
+
+
+def test_header_encoding_imputes_missing_and_keeps_values_out_of_logs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import warnings
+
+    from lightbox.synthetic import cr_dataset
+    from lightbox.tabular import encode, fit_features, read_header
+
+    ds = cr_dataset(np.zeros((4, 4), np.uint16), study_uid="1.2.3", series_uid="1.2.4",
+                    monochrome1=False, label=0, patient_id="X")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.ExposureInuAs = "7077.5"  # not a valid IS: pydicom would warn quoting it
+    ds.KVP, ds.PatientAge, ds.PatientSex = "120", "045Y", "M"
+    ds.save_as(tmp_path / "h.dcm", enforce_file_format=True)
+    keywords = ["KVP", "ExposureInuAs", "PatientAge", "PatientSex", "DistanceSourceToDetector"]
+    caplog.clear()  # writing the bad value above logged it; reading must not
+    with warnings.catch_warnings(), caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("error")
+        header = read_header(tmp_path / "h.dcm", keywords)
+    assert "7077" not in caplog.text
+    assert header["DistanceSourceToDetector"] is None
+    specs = fit_features([{"KVP": "100", "ExposureInuAs": "1000", "PatientAge": "030Y",
+                           "PatientSex": "F"},
+                          {"KVP": "140", "ExposureInuAs": "3000", "PatientAge": "060Y",
+                           "PatientSex": "M"}], keywords)
+    assert [s.type for s in specs] == ["numeric", "numeric", "numeric", "categorical",
+                                       "categorical"]
+    vector = encode(header, specs)
+    assert vector.shape == (sum(s.width for s in specs),)
+    assert list(vector[:6]) == pytest.approx([0.0, 0.0, 5.0775, 0.0, 0.0, 0.0])  # standardised
+    assert list(vector[6:]) == [0.0, 1.0, 0.0, 1.0]  # sex M of (F, M, other); distance missing
+    empty = encode({}, specs)  # everything missing: means (0) and the missing indicators
+    assert list(empty[:6]) == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
