@@ -297,6 +297,7 @@ def test_metadata_model_end_to_end(backend: Backend, view_model: Path, tmp_path:
     assert manifest.kind == "tabular" and manifest.synthetic and manifest.labels == VIEWS
     assert [f.keyword for f in manifest.features][:2] == ["KVP", "ExposureInuAs"]
     assert manifest.metrics["test_top1_accuracy"] > 0.8
+    assert "headers" not in manifest.training_data  # the encoding only, never header values
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - name: view-check\n    match:\n      Modality: [CR]\n"
                      "    models: [view]\n")
@@ -373,3 +374,21 @@ def test_header_encoding_imputes_missing_and_keeps_values_out_of_logs(
     assert list(vector[6:]) == [0.0, 1.0, 0.0, 1.0]  # sex M of (F, M, other); distance missing
     empty = encode({}, specs)  # everything missing: means (0) and the missing indicators
     assert list(empty[:6]) == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_metadata_candidate_compared_on_its_held_out_headers(view_model: Path,
+                                                            tmp_path: Path) -> None:
+    from trainer.evaluate import compare
+    from trainer.tabular import synthetic_tabular_set
+
+    settings = Settings(data_dir=tmp_path / "data")
+    upgrade(settings.sqlalchemy_url)
+    config = TrainConfig(name="view", architecture="tabular_mlp", input_size=1, epochs=1,
+                         batch_size=32, learning_rate=1e-6, test_fraction=0.2, version="weak")
+    weak = train_model(settings, synthetic_tabular_set(400, seed=0), config,
+                       register=False).bundle_dir
+    comparison = compare(settings, weak, view_model)
+    assert comparison["comparable"] and comparison["metric"] == "top1_accuracy"
+    assert comparison["images"] == 80 and "held-out test set of weak" in str(
+        comparison["evaluation"])
+    assert float(comparison["candidate"]) < float(comparison["production"])  # type: ignore[arg-type]

@@ -39,13 +39,39 @@ def _load(settings: Settings, training: Manifest, reader: Manifest, data: Path |
     """The evaluation images prepared as ``reader`` expects them."""
     from trainer.train import train_cache_dir
 
+    summary = training.training_data
+    if reader.kind == "tabular":
+        return _load_headers(training, reader, data, labels_csv)
     if data is not None:
         return load_source(open_source(data, labels_csv), reader, train_cache_dir(settings))
-    summary = training.training_data
     if summary.get("kind") == "synthetic":
         return synthetic_set(int(summary["images"]), reader, seed=int(summary["seed"]),  # type: ignore[call-overload]
                              opacity_scale=float(summary.get("opacity_scale", 1.0)))  # type: ignore[arg-type]
     return load_source(source_from_summary(summary), reader, train_cache_dir(settings))
+
+
+def _load_headers(training: Manifest, reader: Manifest, data: Path | None,
+                  labels_csv: Path | None) -> LabelledSet:
+    """A metadata model's evaluation set, encoded with ``reader``'s own fitted encoding."""
+    from lightbox.tabular import encode
+    from trainer.tabular import csv_tabular_set, synthetic_tabular_set
+
+    keywords = [f.keyword for f in reader.features]
+    summary = training.training_data
+    if data is not None:
+        if labels_csv is None:
+            raise ConfigurationError("a metadata model's --eval-data needs --labels-csv")
+        fitted = csv_tabular_set(data, labels_csv, keywords)
+    elif summary.get("generator") == "view_headers":
+        fitted = synthetic_tabular_set(int(summary["images"]), keywords,  # type: ignore[call-overload]
+                                       seed=int(summary["seed"]))  # type: ignore[call-overload]
+    else:
+        fitted = csv_tabular_set(Path(str(summary["root"])), Path(str(summary["labels_csv"])),
+                                 keywords)
+    headers = fitted.summary["headers"]
+    x = np.stack([encode(h, reader.features) for h in headers])[:, :, None, None]  # type: ignore[union-attr]
+    return LabelledSet(x.astype(np.float32), fitted.y, fitted.patients, fitted.labels,
+                       fitted.task, {})
 
 
 def _heldout(candidate: Manifest, data: LabelledSet) -> tuple[np.ndarray, str]:

@@ -117,7 +117,7 @@ def tabular_set(headers: list[dict[str, object]], targets: np.ndarray, labels: l
     x = np.stack([encode(h, specs) for h in headers])[:, :, None, None]
     return LabelledSet(x.astype(np.float32), targets.astype(np.float32), patients, labels, task,
                        {**summary, "features": [s.model_dump() for s in specs],
-                        "feature_keywords": keywords})
+                        "feature_keywords": keywords, "headers": headers})
 
 
 def synthetic_tabular_set(count: int, keywords: list[str] | None = None, seed: int = 0,

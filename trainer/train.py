@@ -330,7 +330,8 @@ def train_model(
                 "background_class": config.background_class,
                 "confident_threshold": confident,
                 "training_data": {
-                    **{k: v for k, v in data.summary.items() if k not in ("cache", "features")},
+                    **{k: v for k, v in data.summary.items()
+                       if k not in ("cache", "features", "headers")},  # no header values
                     "source": data.summary.get("kind"), "positives": positives,
                     "train_images": len(train), "validation_images": len(val),
                     "test_images": len(test),
