@@ -161,6 +161,8 @@ class Model(Base):
     bundle_path: Mapped[str] = mapped_column(Text)
     manifest: Mapped[dict[str, Any]] = mapped_column()
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A staging version that runs beside production on the same jobs (`lightbox models shadow`).
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
 
@@ -212,9 +214,23 @@ class Finding(Base):
     positive: Mapped[bool] = mapped_column(Boolean)
     superseded: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Issue 23. Multiclass: one row per image; ``label`` is the arg-max class, ``score`` its
+    # probability, ``distribution`` every class's probability, ``indeterminate`` the top
+    # probability fell below the model's confident threshold. ``positive`` is never true for
+    # the background class or an indeterminate image.
+    predicted_class: Mapped[str | None] = mapped_column(String(64), default=None)
+    distribution: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    indeterminate: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Written by a shadow version (``model_id``) beside production on the same job: stored and
+    # compared, never exported.
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The model was trained on SYNTHETIC data: not for clinical use.
+    synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), default=None)
 
     __table_args__ = (
-        UniqueConstraint("job_id", "sop_instance_uid", "label", name="uq_findings_job_sop_label"),
+        UniqueConstraint("job_id", "sop_instance_uid", "label", "shadow",
+                         name="uq_findings_job_sop_label_shadow"),
         Index("ix_findings_label_score", "label", "score"),
     )
 

@@ -23,13 +23,19 @@ from db.models import (
 
 def findings(session: Session, *, study_uid: str | None = None, label: str | None = None,
              min_score: float | None = None, since: datetime | None = None,
-             include_superseded: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+             include_superseded: bool = False, limit: int | None = None,
+             shadow: bool | None = False) -> list[dict[str, Any]]:
+    """Findings, newest revision only unless ``include_superseded``. ``shadow``: False (the
+    default) production findings only, True shadow findings only, None both. ``model`` and
+    ``model_version`` name the version that wrote the row (a shadow version for shadow rows)."""
     query = (
         select(Study.study_instance_uid, Finding.series_instance_uid, Finding.sop_instance_uid,
                Model.name, Model.version, Finding.label, Finding.score, Finding.threshold,
-               Finding.positive, Finding.superseded, Finding.created_at, Job.id)
+               Finding.positive, Finding.superseded, Finding.created_at, Job.id,
+               Finding.predicted_class, Finding.distribution, Finding.indeterminate,
+               Finding.shadow, Finding.synthetic)
         .join(Job, Finding.job_id == Job.id)
-        .join(Model, Job.model_id == Model.id)
+        .join(Model, func.coalesce(Finding.model_id, Job.model_id) == Model.id)
         .join(Study, Finding.study_id == Study.id)
         .order_by(Finding.created_at, Study.study_instance_uid, Finding.sop_instance_uid)
     )
@@ -43,11 +49,14 @@ def findings(session: Session, *, study_uid: str | None = None, label: str | Non
         query = query.where(Finding.created_at >= since)
     if not include_superseded:
         query = query.where(Finding.superseded.is_(False))
+    if shadow is not None:
+        query = query.where(Finding.shadow.is_(shadow))
     if limit:
         query = query.limit(limit)
     keys = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "model",
             "model_version", "label", "score", "threshold", "positive", "superseded",
-            "created_at", "job_id")
+            "created_at", "job_id", "predicted_class", "distribution", "indeterminate",
+            "shadow", "synthetic")
     return [dict(zip(keys, row, strict=True)) for row in session.execute(query)]
 
 
@@ -136,3 +145,42 @@ def studies_pending(session: Session, study_uids: list[str]) -> int:
                 status_ == StudyStatus.dispatched and open_study is not None):
             pending += 1
     return pending
+
+
+def shadow_pairs(session: Session, name: str, shadow_version: str | None = None,
+                 ) -> list[dict[str, Any]]:
+    """Production and shadow findings of model ``name`` side by side, per (job, image, label):
+    what `lightbox models compare` measures agreement on. Multiclass rows pair by image (one row
+    each). Only jobs where both wrote a finding count."""
+    from sqlalchemy.orm import aliased
+
+    shadow_model = aliased(Model)
+    shadow_finding = aliased(Finding)
+    production_model = aliased(Model)
+    query = (
+        select(Study.study_instance_uid, Finding.sop_instance_uid, Finding.label,
+               Finding.score, Finding.positive, Finding.predicted_class, Finding.indeterminate,
+               Finding.distribution, shadow_finding.label, shadow_finding.score,
+               shadow_finding.positive, shadow_finding.predicted_class,
+               shadow_finding.indeterminate, shadow_finding.distribution,
+               production_model.version, shadow_model.version, Finding.job_id)
+        .join(shadow_finding, (shadow_finding.job_id == Finding.job_id)
+              & (shadow_finding.sop_instance_uid == Finding.sop_instance_uid)
+              & ((shadow_finding.label == Finding.label)
+                 | shadow_finding.predicted_class.is_not(None))
+              & shadow_finding.shadow.is_(True))
+        .join(shadow_model, shadow_finding.model_id == shadow_model.id)
+        .join(Job, Finding.job_id == Job.id)
+        .join(production_model, Job.model_id == production_model.id)
+        .join(Study, Finding.study_id == Study.id)
+        .where(Finding.shadow.is_(False), Finding.superseded.is_(False),
+               production_model.name == name, shadow_model.name == name)
+        .order_by(Finding.job_id, Finding.sop_instance_uid, Finding.label)
+    )
+    if shadow_version:
+        query = query.where(shadow_model.version == shadow_version)
+    keys = ("study_instance_uid", "sop_instance_uid", "label", "score", "positive",
+            "predicted_class", "indeterminate", "distribution", "shadow_label", "shadow_score",
+            "shadow_positive", "shadow_predicted_class", "shadow_indeterminate",
+            "shadow_distribution", "production_version", "shadow_version", "job_id")
+    return [dict(zip(keys, row, strict=True)) for row in session.execute(query)]

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Event, Model, ModelStage
-from lightbox.errors import ManifestError, ModelNotFoundError
+from lightbox.errors import ManifestError, ModelNotFoundError, PromotionRefused
 from lightbox.manifest import load_manifest
 
 
@@ -52,16 +52,82 @@ def register_bundle(session: Session, bundle_dir: Path, promote: bool = False) -
     return row
 
 
-def promote(session: Session, name: str, version: str) -> Model:
-    """Make ``version`` the production model of ``name``; the previous production one retires."""
+def promote(session: Session, name: str, version: str, *,
+            comparison: dict[str, object] | None = None, force: bool = False,
+            reason: str | None = None, actor: str | None = None) -> Model:
+    """Make ``version`` the production model of ``name``; the previous production one retires.
+
+    ``comparison`` (from ``trainer.evaluate.compare``: ``metric``, ``candidate``,
+    ``production``, ``evaluation``) decides: a candidate that scores lower than production is
+    refused (:class:`PromotionRefused`) unless ``force`` with a ``reason``. Every promotion is
+    an audit event naming who (``actor``: the API token's name or the OS user), why, and the
+    metrics compared."""
     row = _get(session, name, version)
     if row is None:
         raise ModelNotFoundError(f"no registered model {name} {version}")
-    _make_production(session, row)
+    if force and not (reason or "").strip():
+        raise PromotionRefused("--force needs a --reason (it goes into the audit log)")
+    worse = comparison is not None and _worse(comparison)
+    if worse and not force:
+        assert comparison is not None
+        if comparison.get("comparable") is False:
+            why = f"cannot be compared with production: {comparison.get('evaluation')}"
+        else:
+            why = (f"scores {comparison['metric']} {comparison['candidate']:.4f} on "
+                   f"{comparison.get('evaluation', 'the held-out set')}, production "
+                   f"{comparison.get('production_version')} scores "
+                   f"{comparison['production']:.4f}")
+        raise PromotionRefused(f"{name} {version} {why}: refused (use --force --reason to "
+                               "promote anyway)", comparison)
+    _make_production(session, row, audit={
+        "actor": actor or "unknown", "reason": reason, "forced": bool(force and worse),
+        "comparison": comparison})
     return row
 
 
-def retire(session: Session, name: str, version: str) -> Model:
+def _worse(comparison: dict[str, object]) -> bool:
+    """Lower on the metric, or not comparable at all (different tasks or labels)."""
+    if comparison.get("comparable") is False:
+        return True
+    candidate, production = comparison.get("candidate"), comparison.get("production")
+    if not isinstance(candidate, int | float) or not isinstance(production, int | float):
+        return False
+    return float(candidate) < float(production)
+
+
+def set_shadow(session: Session, name: str, version: str, *, actor: str | None = None,
+               reason: str | None = None, on: bool = True) -> Model:
+    """Run a staging ``version`` beside production on every job of ``name`` (its findings are
+    flagged shadow and never exported); one shadow version per name, so a new one replaces the
+    previous. ``on=False`` stops it."""
+    row = _get(session, name, version)
+    if row is None:
+        raise ModelNotFoundError(f"no registered model {name} {version}")
+    if on and row.stage != ModelStage.staging:
+        raise ManifestError(f"{name} {version} is {row.stage.value}: only a staging version can "
+                            "run in shadow mode")
+    if on:
+        for other in session.scalars(select(Model).where(
+                Model.name == name, Model.shadow.is_(True), Model.id != row.id)):
+            other.shadow = False
+            _event(session, "model_shadow_stopped", other, actor=actor or "unknown",
+                   reason=f"replaced by {version}")
+    if row.shadow != on:
+        row.shadow = on
+        _event(session, "model_shadow_started" if on else "model_shadow_stopped", row,
+               actor=actor or "unknown", reason=reason)
+    session.flush()
+    return row
+
+
+def shadow_model(session: Session, name: str) -> Model | None:
+    """The staging version of ``name`` running in shadow mode, if any."""
+    return session.scalars(select(Model).where(
+        Model.name == name, Model.shadow.is_(True), Model.stage == ModelStage.staging)).first()
+
+
+def retire(session: Session, name: str, version: str, *, actor: str | None = None,
+           reason: str | None = None) -> Model:
     """Take a version out of service. Retiring the production version leaves the name with no
     production model: new studies for it are recorded as unrouted until another is promoted;
     jobs already dispatched to it still run (the bundle stays on disk)."""
@@ -71,7 +137,9 @@ def retire(session: Session, name: str, version: str) -> Model:
     if row.stage != ModelStage.retired:
         previous = row.stage.value
         row.stage = ModelStage.retired
-        _event(session, "model_retired", row, previous_stage=previous)
+        row.shadow = False
+        _event(session, "model_retired", row, previous_stage=previous, actor=actor or "unknown",
+               reason=reason)
         session.flush()
     return row
 
@@ -103,9 +171,11 @@ def list_models(session: Session) -> list[Model]:
     return list(session.scalars(select(Model).order_by(Model.name, Model.id)))
 
 
-def _make_production(session: Session, row: Model) -> None:
+def _make_production(session: Session, row: Model,
+                     audit: dict[str, object] | None = None) -> None:
     """Row-lock the current production version(s) (PostgreSQL) so that two concurrent
     promotions cannot both leave a production row behind."""
+    audit = audit or {}
     current = session.scalars(
         select(Model)
         .where(Model.name == row.name, Model.stage == ModelStage.production, Model.id != row.id)
@@ -113,9 +183,14 @@ def _make_production(session: Session, row: Model) -> None:
     ).all()
     for old in current:
         old.stage = ModelStage.retired
+        old.shadow = False
+        _event(session, "model_retired", old, previous_stage="production",
+               actor=audit.get("actor", "unknown"), reason=f"replaced by {row.version}")
     if row.stage != ModelStage.production or current:
         row.stage = ModelStage.production
-        _event(session, "model_promoted", row, retired=[old.version for old in current])
+        row.shadow = False
+        _event(session, "model_promoted", row, retired=[old.version for old in current],
+               **audit)
     session.flush()
 
 

@@ -7,6 +7,7 @@
     ├── PixelDecodeError          pixels that cannot be decoded for a model
     ├── ManifestError             a model bundle that is incomplete or altered
     ├── ModelNotFoundError        no such model / no production version
+    ├── PromotionRefused          a candidate that scores worse than production (no --force)
     ├── RuntimeUnavailableError   the chosen model runtime cannot run on this node
     │   ├── TensorRTUnavailable   TensorRT or a CUDA device is missing (the reason says which)
     │   └── EngineBuildError      TensorRT is here but cannot build an engine for this model
@@ -44,6 +45,17 @@ class ManifestError(LightboxError):
 
 class ModelNotFoundError(LightboxError):
     code = "model_not_found"
+
+
+class PromotionRefused(LightboxError):
+    """A candidate scored worse than the production version it would replace. ``comparison``
+    holds what was compared (metric, both values, evaluation set)."""
+
+    code = "promotion_refused"
+
+    def __init__(self, message: str, comparison: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.comparison = comparison or {}
 
 
 class RuntimeUnavailableError(LightboxError):

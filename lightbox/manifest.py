@@ -41,6 +41,24 @@ class PreprocessSpec(BaseModel):
     std: float = 0.25
 
 
+class FeatureSpec(BaseModel):
+    """One DICOM header value as model input (metadata models), encoded as trained.
+
+    ``numeric``: standardised with the training mean and std; missing → the training mean
+    (0 after standardising) plus a 1 in its own missing-indicator column. ``categorical``:
+    one-hot over the training categories plus an "other or missing" column."""
+
+    keyword: str
+    type: Literal["numeric", "categorical"]
+    mean: float = 0.0
+    std: float = 1.0
+    categories: list[str] = Field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return 2 if self.type == "numeric" else len(self.categories) + 1
+
+
 class Manifest(BaseModel):
     schema_version: int = MANIFEST_SCHEMA
     name: str
@@ -78,9 +96,29 @@ class Manifest(BaseModel):
         default_factory=dict, description="TensorRT engine file -> precision, gpu_name, "
         "compute_capability, tensorrt_version, max_batch (built by `lightbox compile`).")
     plots: list[str] = Field(default_factory=list, description="PNG files in the bundle.")
+    # Added by issue 23 (task-aware outputs, honest training); optional for older manifests.
+    background_class: str | None = Field(
+        default=None, description="multiclass: the class that is no finding (e.g. 'normal'); "
+        "predicted, it is reported as absent, never present.")
+    confident_threshold: float | None = Field(
+        default=None, description="multiclass: a top probability below this is 'indeterminate' "
+        "(chosen on validation); None: every prediction is decided.")
+    # "tabular": the input is a vector of header values (``features``), shaped
+    # (N, width, 1, 1) so runtimes and batchers treat it like any tensor; no pixels decoded.
+    kind: Literal["image", "tabular"] = "image"
+    features: list[FeatureSpec] = Field(default_factory=list)
+    monitor: str | None = Field(
+        default=None, description="What early stopping monitored and the best epoch was kept "
+        "by: 'val_loss' (default), 'auroc' or 'accuracy'.")
 
     def threshold_for(self, label: str) -> float:
         return self.thresholds.get(label, 0.5)
+
+    @property
+    def synthetic(self) -> bool:
+        """Trained on SYNTHETIC data: its findings say so, everywhere they are shown."""
+        return self.training_data.get("kind") == "synthetic" or bool(
+            self.training_data.get("synthetic"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

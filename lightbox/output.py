@@ -29,13 +29,30 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({k: _plain(v) for k, v in row.items()} for row in rows)
+        writer.writerows({k: to_csv_row_plain(v) for k, v in row.items()} for row in rows)
     return buffer.getvalue()
+
+
+def _result(row: dict[str, Any]) -> str:
+    """POSITIVE / negative; a multiclass row says which class, or that it is undecided."""
+    if row.get("indeterminate"):
+        return "[yellow]indeterminate[/yellow]"
+    if row.get("positive"):
+        return "[red]POSITIVE[/red]"
+    if row.get("predicted_class"):
+        return f"[green]{row['predicted_class']} (no finding)[/green]"
+    return "[green]negative[/green]"
+
+
+def to_csv_row_plain(value: Any) -> Any:
+    """CSV cells: nested values (a class distribution) as JSON."""
+    return json.dumps(value) if isinstance(value, dict) else _plain(value)
 
 
 def findings_table(rows: list[dict[str, Any]], title: str = "Findings") -> Table:
     table = Table(title=title)
-    for column in ("study", "SOP instance", "model", "label", "score", "threshold", "result"):
+    for column in ("study", "SOP instance", "model", "label", "score", "threshold", "result",
+                   "synthetic"):
         table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(
@@ -45,7 +62,8 @@ def findings_table(rows: list[dict[str, Any]], title: str = "Findings") -> Table
             row["label"],
             f"{row['score']:.3f}",
             f"{row['threshold']:.3f}",
-            "[red]POSITIVE[/red]" if row["positive"] else "[green]negative[/green]",
+            _result(row),
+            "[yellow]SYNTHETIC[/yellow]" if row.get("synthetic") else "",
         )
     return table
 

@@ -47,7 +47,12 @@ def prepare(display: np.ndarray, manifest: Manifest) -> np.ndarray:
 
 
 def prepare_file(path: Path | str, manifest: Manifest) -> np.ndarray:
-    """Read, decode, convert and prepare one DICOM file for ``manifest``'s model."""
+    """Read, decode, convert and prepare one DICOM file for ``manifest``'s model (for a
+    metadata model: its header values, encoded as trained; no pixels are decoded)."""
+    if manifest.kind == "tabular":
+        from lightbox.tabular import prepare_header_file
+
+        return prepare_header_file(path, manifest)
     ds = read_dataset(path)
     # Only as many pixels as the model input needs (JPEG 2000 resolution levels, or block
     # means of other frames): the trainer and the worker both come through here, so both see

@@ -22,10 +22,13 @@ STORED_BITS = 12
 
 
 def chest_image(rng: np.random.Generator, size: int = 256, opacity: bool = False,
-                opacity_scale: float = 1.0) -> np.ndarray:
+                opacity_scale: float = 1.0, effusion: bool = False) -> np.ndarray:
     """One synthetic radiograph as float32 in [0, 1], dense (bone, opacity) = bright.
 
-    ``opacity_scale`` < 1 makes opacities fainter (a harder task, for benchmarks)."""
+    ``opacity_scale`` < 1 makes opacities fainter (a harder task, for benchmarks).
+    ``effusion`` fills the base of one lung with fluid up to a level (a third class for
+    multiclass examples); it draws extra random numbers only when set, so images without it
+    are the same as before."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     image = 0.55 + 0.05 * rng.standard_normal() + 0.1 * (yy - 0.5)  # soft tissue
     lungs = np.zeros_like(image)
@@ -46,6 +49,12 @@ def chest_image(rng: np.random.Generator, size: int = 256, opacity: bool = False
             r = rng.uniform(0.05, 0.1)
             blob = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
             image = image + opacity_scale * rng.uniform(0.25, 0.4) * blob * lungs
+    if effusion:
+        side = rng.choice([-1, 1])
+        level = rng.uniform(0.6, 0.7)
+        meniscus = level - 0.06 * np.abs(xx - 0.5 - side * 0.2) / 0.2  # rises laterally
+        fluid = (yy > meniscus) & ((xx - 0.5) * side > 0.05)
+        image = image + rng.uniform(0.25, 0.35) * fluid * lungs
     image = image + 0.03 * rng.standard_normal(image.shape)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
@@ -100,7 +109,7 @@ def cr_dataset(
 
 def write_study(
     out_dir: Path, rng: np.random.Generator, *, label: int, images: int = 1, size: int = 256,
-    patient_id: str = "SYN0000",
+    patient_id: str = "SYN0000", effusion: bool = False,
 ) -> SyntheticStudy:
     """Write one synthetic CR study (``images`` instances) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +117,8 @@ def write_study(
     monochrome1 = bool(rng.integers(0, 2))
     paths, sops = [], []
     for number in range(1, images + 1):
-        stored = to_stored(chest_image(rng, size, opacity=bool(label)), monochrome1)
+        stored = to_stored(chest_image(rng, size, opacity=bool(label), effusion=effusion),
+                           monochrome1)
         ds = cr_dataset(stored, study_uid=study_uid, series_uid=series_uid, monochrome1=monochrome1,
                         label=label, patient_id=patient_id, number=number)
         path = out_dir / f"{ds.SOPInstanceUID}.dcm"

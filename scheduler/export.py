@@ -122,16 +122,19 @@ def _save(ds: Dataset, path: Path) -> None:
 
 def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltObject]:
     """Write the SR (and heatmap SCs) for ``job``; raises BUILD_ERRORS when the SR cannot be."""
-    findings = list(session.scalars(
-        select(Finding).where(Finding.job_id == job.id).order_by(Finding.id)))
+    findings = list(session.scalars(  # shadow versions' findings are never exported
+        select(Finding).where(Finding.job_id == job.id, Finding.shadow.is_(False))
+        .order_by(Finding.id)))
     instances = _sources(session, job, findings)
     if not instances:
         raise LightboxError("no stored source instance for the job's study")
-    model = ModelInfo(job.model.name, job.model.version)
+    model = ModelInfo(job.model.name, job.model.version,
+                      synthetic=any(f.synthetic for f in findings) or
+                      job.model.manifest.get("training_data", {}).get("kind") == "synthetic")
     labels = [str(x) for x in job.model.manifest.get("labels", [])]
     headers = [pydicom.dcmread(i.stored_path, stop_before_pixels=True) for i in instances]
-    items = [FindingItem(f.label, f.score, f.threshold, f.positive, f.sop_instance_uid)
-             for f in findings]
+    items = [FindingItem(f.label, f.score, f.threshold, f.positive, f.sop_instance_uid,
+                         f.distribution, f.indeterminate) for f in findings]
     folder = outputs_dir(settings, job.id)
     sr_uid = generate_uid()
     _save(build_sr(headers, items, model, sop_instance_uid=sr_uid), folder / f"sr-{sr_uid}.dcm")

@@ -83,7 +83,8 @@ def test_register_promote_retire(url: str, tmp_path: Path) -> None:
     with session_scope(url) as session:
         events = session.scalars(select(Event).order_by(Event.id)).all()
         assert [e.kind for e in events] == [
-            "model_registered", "model_registered", "model_promoted", "model_promoted"]
+            "model_registered", "model_registered", "model_promoted", "model_retired",
+            "model_promoted"]
         assert events[-1].detail["name"] == "chest"
         assert events[-1].detail["version"] == "20260102T000000Z"
         assert events[-1].detail["retired"] == ["20260101T000000Z"]

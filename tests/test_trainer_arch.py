@@ -111,7 +111,7 @@ def test_early_stopping_keeps_the_best_epoch(settings: Settings, tmp_path: Path)
     result = train_model(settings, data, config, register=False, checkpoint_dir=tmp_path)
     runs = len(result.history)
     assert runs < 12  # stopped before the last epoch
-    best = max(result.history, key=lambda h: (h["auroc"], -h["val_loss"]))
+    best = min(result.history, key=lambda h: (h["val_loss"], -h["auroc"]))
     assert result.metrics["best_epoch"] == best["epoch"]
     assert result.metrics["epochs_run"] == runs
     assert result.history[-1]["epoch"] == result.metrics["best_epoch"] + 1

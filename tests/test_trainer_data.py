@@ -146,11 +146,13 @@ def test_train_command_on_rsna_layout(rsna_root: Path, tmp_path: Path) -> None:
     env.pop("LIGHTBOX_DATABASE_URL", None)
     out = subprocess.run(
         [sys.executable, "-m", "lightbox.cli", "train", "--data", str(rsna_root), "--name",
-         "rsna", "--epochs", "1", "--batch-size", "16", "--version", "v1", "--no-promote"],
+         "rsna", "--epochs", "1", "--batch-size", "16", "--version", "v1", "--json"],
         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout[out.stdout.index("{"):])
+    report = json.loads(out.stdout)  # --json: stdout is the JSON document only
     assert report["version"] == "v1" and report["balance"]["train"]["images"] > 0
+    assert report["stage"] == "staging" and report["monitor"] == "val_loss"
+    assert "epoch 1/1: train loss" in out.stderr  # the per-epoch line, no terminal attached
     listed = subprocess.run([sys.executable, "-m", "lightbox.cli", "models", "list", "--format",
                              "json"], env=env, capture_output=True, text=True, timeout=120)
     assert [(m["name"], m["version"], m["stage"]) for m in json.loads(listed.stdout)] == [

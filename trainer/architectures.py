@@ -18,7 +18,7 @@ from torch import nn
 
 from trainer.seed_cnn import SeedCNN
 
-ARCHITECTURES = ("seed_cnn", "densenet121", "resnet18")
+ARCHITECTURES = ("seed_cnn", "densenet121", "resnet18", "tabular_mlp")
 TASKS = ("binary", "multilabel", "multiclass")
 
 
@@ -65,6 +65,10 @@ def build_network(architecture: str, outputs: int, size: int, channels: int = 1)
         return _densenet121(outputs, channels)
     if architecture == "resnet18":
         return _resnet18(outputs, channels)
+    if architecture == "tabular_mlp":  # metadata models: ``channels`` encoded header values
+        from trainer.tabular import tabular_mlp
+
+        return tabular_mlp(channels, outputs)
     raise ValueError(f"unknown architecture {architecture!r}; choose from {ARCHITECTURES}")
 
 

@@ -14,6 +14,7 @@ from trainer.metrics import auroc, roc_curve  # noqa: E402
 
 ROC_PNG = "roc.png"
 LEARNING_PNG = "learning_curves.png"
+CONFUSION_PNG = "confusion.png"
 
 
 def roc_png(path: Path, scores: np.ndarray, y: np.ndarray, labels: list[str],
@@ -48,9 +49,30 @@ def learning_png(path: Path, history: list[dict[str, float]], title: str) -> Pat
     left.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation loss")
     left.set(xlabel="epoch", ylabel="loss")
     left.legend()
-    right.plot(epochs, [h["auroc"] for h in history], "o-", color="C2")
-    right.set(xlabel="epoch", ylabel="validation AUROC", ylim=(0, 1.02))
+    right.plot(epochs, [h["auroc"] for h in history], "o-", color="C2", label="AUROC")
+    if all("accuracy" in h for h in history):
+        right.plot(epochs, [h["accuracy"] for h in history], "o-", color="C3",
+                   label="accuracy")
+    right.set(xlabel="epoch", ylabel="validation", ylim=(0, 1.02))
+    right.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def confusion_png(path: Path, matrix: list[list[int]], labels: list[str], title: str) -> Path:
+    """Multiclass confusion matrix on validation: rows the true class, columns the arg-max."""
+    counts = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2), dpi=100)
+    ax.imshow(counts, cmap="Blues")
+    for (row, column), value in np.ndenumerate(counts):
+        ax.text(column, row, str(value), ha="center", va="center",
+                color="white" if value > counts.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted (arg-max)", ylabel="true class", title=title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

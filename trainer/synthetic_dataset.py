@@ -101,16 +101,17 @@ def write_class_folders(
     patients_per_image: float = 0.5,
 ) -> Path:
     """SYNTHETIC images in one folder per class; classes containing "opacity" or "pneumonia"
-    get opacities. About ``patients_per_image`` patients per image, so that some patients
+    get opacities, classes containing "effusion" a fluid level. About ``patients_per_image`` patients per image, so that some patients
     have several images (the split must keep them together)."""
     rng = np.random.default_rng(seed)
     total = sum(per_class.values())
     pool = [f"SYNPAT{n:04d}" for n in range(max(1, int(total * patients_per_image)))]
     for name, count in per_class.items():
         opacity = any(word in name.lower() for word in ("opacity", "pneumonia"))
+        effusion = "effusion" in name.lower()
         for _ in range(count):
             patient_id = pool[int(rng.integers(0, len(pool)))]
             study = write_study(out_dir / name, rng, label=int(opacity), size=size,
-                                patient_id=patient_id)
+                                patient_id=patient_id, effusion=effusion)
             assert study.paths
     return out_dir

@@ -24,7 +24,7 @@ from torch import nn
 
 from db.registry import register_bundle
 from db.session import session_scope
-from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
+from lightbox.manifest import FeatureSpec, InputSpec, Manifest, PreprocessSpec
 from lightbox.settings import Settings
 from trainer.architectures import Scorer, build_network, has_cam
 from trainer.datasets import LabelledSet, load_source, open_source
@@ -39,7 +39,14 @@ from trainer.metrics import (
     multiclass_confusion,
     youden_threshold,
 )
-from trainer.plots import LEARNING_PNG, ROC_PNG, learning_png, roc_png
+from trainer.plots import (
+    CONFUSION_PNG,
+    LEARNING_PNG,
+    ROC_PNG,
+    confusion_png,
+    learning_png,
+    roc_png,
+)
 from trainer.seed_cnn import INPUT_SIZE
 from trainer.splits import balance_report, patient_split
 from trainer.synthetic_dataset import synthetic_set
@@ -74,11 +81,16 @@ class TrainConfig:
     test_fraction: float = 0.0
     threshold_policy: str = "youden"
     version: str | None = None  # default: the UTC time the bundle is written
+    monitor: str = "val_loss"  # early stopping and the kept epoch: val_loss, auroc, accuracy
+    # Multiclass: the class that is no finding (e.g. "normal"), and the top-1 accuracy the
+    # decided images must reach on validation (chooses the confident threshold; None: none).
+    background_class: str | None = None
+    confident_accuracy: float | None = None
 
     def fit_config(self) -> FitConfig:
         return FitConfig(epochs=self.epochs, batch_size=self.batch_size,
                          learning_rate=self.learning_rate, patience=self.patience,
-                         seed=self.seed)
+                         seed=self.seed, monitor=self.monitor)
 
 
 @dataclass
@@ -167,7 +179,11 @@ def _register(settings: Settings, bundle_dir: Path, promote: bool) -> int:
 
 def _evaluate(scores: np.ndarray, y: np.ndarray, labels: list[str], task: str,
               policy: str) -> tuple[dict[str, float], dict[str, float], dict[str, list]]:
-    """(metrics, thresholds, confusion matrices) on validation: one threshold per label."""
+    """(metrics, thresholds, confusion matrices) on validation: one threshold per label.
+
+    Multiclass metrics are named for what they are: ``top1_accuracy`` (arg-max class right)
+    and ``macro_ovr_*`` (each class one-vs-rest at its own threshold, averaged over classes);
+    binary and multilabel keep ``sensitivity``/``specificity`` (mean over labels)."""
     thresholds, metrics, matrices = {}, {}, {}
     sens, spec = [], []
     for column, label in enumerate(labels):
@@ -181,16 +197,60 @@ def _evaluate(scores: np.ndarray, y: np.ndarray, labels: list[str], task: str,
         sens.append(s)
         spec.append(p)
         if len(labels) > 1:
-            metrics.update({f"auroc_{label}": auroc(scores[:, column], truth),
-                            f"sensitivity_{label}": s, f"specificity_{label}": p})
+            prefix = "ovr_" if task == "multiclass" else ""
+            metrics.update({f"{prefix}auroc_{label}": auroc(scores[:, column], truth),
+                            f"{prefix}sensitivity_{label}": s,
+                            f"{prefix}specificity_{label}": p})
     if sens:
-        metrics.update({"sensitivity": float(np.mean(sens)), "specificity": float(np.mean(spec))})
+        prefix = "macro_ovr_" if task == "multiclass" else ""
+        metrics.update({f"{prefix}sensitivity": float(np.mean(sens)),
+                        f"{prefix}specificity": float(np.mean(spec))})
     if len(labels) == 1:
         metrics["threshold"] = thresholds[labels[0]]
     if task == "multiclass":
         matrices["__classes__"] = multiclass_confusion(scores, y)
-        metrics["accuracy"] = float((scores.argmax(1) == y.argmax(1)).mean())
+        metrics["top1_accuracy"] = float((scores.argmax(1) == y.argmax(1)).mean())
+        metrics["macro_ovr_auroc"] = mean_auroc(scores, y)
     return metrics, thresholds, matrices
+
+
+def confident_threshold(scores: np.ndarray, y: np.ndarray, target: float) -> float:
+    """The lowest top probability at which the images decided (top probability ``>=`` it)
+    reach ``target`` top-1 accuracy on validation: as many decided as the target allows. When
+    no cut reaches it, the highest top probability (almost everything indeterminate)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"confident accuracy must be in (0, 1], got {target}")
+    top = scores.max(1)
+    right = scores.argmax(1) == y.argmax(1)
+    order = np.argsort(-top, kind="stable")
+    running = np.cumsum(right[order]) / np.arange(1, len(order) + 1)
+    reached = np.flatnonzero(running >= target - 1e-12)
+    return float(top[order][reached[-1]] if len(reached) else top.max())
+
+
+def decided_metrics(scores: np.ndarray, y: np.ndarray, threshold: float | None,
+                    prefix: str = "") -> dict[str, float]:
+    """Top-1 accuracy, the indeterminate rate and accuracy on the decided images."""
+    right = scores.argmax(1) == y.argmax(1)
+    decided = scores.max(1) >= (threshold if threshold is not None else -1.0)
+    metrics = {f"{prefix}top1_accuracy": float(right.mean()),
+               f"{prefix}indeterminate_rate": float(1.0 - decided.mean())}
+    if decided.any():  # no NaN in a manifest: JSON has none
+        metrics[f"{prefix}decided_accuracy"] = float(right[decided].mean())
+    return metrics
+
+
+def _with_features(draft: Manifest, data: LabelledSet) -> Manifest:
+    """A metadata model's manifest: the header encoding fitted on its data, and an input of
+    (width, 1, 1) so runtimes and batchers treat the vector like any tensor."""
+    features = data.summary.get("features")
+    if not features:
+        return draft
+    specs = [FeatureSpec.model_validate(f) for f in features]  # type: ignore[union-attr]
+    width = sum(spec.width for spec in specs)
+    return draft.model_copy(update={
+        "kind": "tabular", "features": specs,
+        "input": InputSpec(name="features", channels=width, height=1, width=1)})
 
 
 def train_model(
@@ -207,7 +267,7 @@ def train_model(
     split = patient_split(data.patients, data.y, val_fraction=config.val_fraction,
                           test_fraction=config.test_fraction, seed=config.seed + 1)
     train, val, test = (data.subset(i) for i in (split.train, split.validation, split.test))
-    draft = draft_manifest(config, data.labels, data.task)
+    draft = _with_features(draft_manifest(config, data.labels, data.task), data)
     checkpoint_dir = checkpoint_dir or settings.data_path / "runs" / config.name
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     digest = run_digest(config.fit_config(), config.architecture, data.task, data.x, data.y)
@@ -226,9 +286,24 @@ def train_model(
                                                   config.threshold_policy)
         metrics = {**fitted.best_metrics, **metrics, "epochs": float(config.epochs),
                    "epochs_run": float(len(fitted.history))}
+        confident = None
+        if data.task == "multiclass":
+            if config.background_class is not None and \
+                    config.background_class not in data.labels:
+                raise ValueError(f"background class {config.background_class!r} is not one of "
+                                 f"the classes {data.labels}")
+            if config.confident_accuracy is not None:
+                confident = confident_threshold(scores, val.y, config.confident_accuracy)
+            metrics.update(decided_metrics(scores, val.y, confident))
         if len(test):
             test_scores = probabilities(network, data.task, test.x)
             metrics["test_auroc"] = mean_auroc(test_scores, test.y)
+            if data.task == "multiclass":
+                metrics.update(decided_metrics(test_scores, test.y, confident, "test_"))
+            else:
+                metrics["test_accuracy"] = float(np.mean([
+                    ((test_scores[:, c] >= thresholds[label]) == (test.y[:, c] > 0.5)).mean()
+                    for c, label in enumerate(data.labels)]))
         progress("exporting ONNX", 0, 1)
         version, bundle_dir = new_bundle_dir(settings.models_dir, config.name, config.version)
         try:
@@ -236,6 +311,11 @@ def train_model(
             roc_png(bundle_dir / ROC_PNG, scores, val.y, data.labels, thresholds,
                     f"validation ROC, {title}")
             learning_png(bundle_dir / LEARNING_PNG, fitted.history, title)
+            plots = [ROC_PNG, LEARNING_PNG]
+            if data.task == "multiclass":
+                confusion_png(bundle_dir / CONFUSION_PNG, matrices["__classes__"], data.labels,
+                              f"validation confusion, {title}")
+                plots.append(CONFUSION_PNG)
             scorer = Scorer(network, data.task)
             positives = int((data.y[:, 0] > 0.5).sum()) if data.task == "binary" else None
             manifest = draft.model_copy(update={
@@ -245,9 +325,13 @@ def train_model(
                 "threshold_policy": config.threshold_policy,
                 "confusion": matrices,
                 "metrics": metrics,
-                "plots": [ROC_PNG, LEARNING_PNG],
+                "plots": plots,
+                "monitor": config.monitor,
+                "background_class": config.background_class,
+                "confident_threshold": confident,
                 "training_data": {
-                    **{k: v for k, v in data.summary.items() if k != "cache"},
+                    **{k: v for k, v in data.summary.items()
+                       if k not in ("cache", "features", "headers")},  # no header values
                     "source": data.summary.get("kind"), "positives": positives,
                     "train_images": len(train), "validation_images": len(val),
                     "test_images": len(test),

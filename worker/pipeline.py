@@ -48,7 +48,16 @@ class JobRunner(Protocol):
     def infer_images(self, model: LoadedModel, job_id: int,
                      images: list[ImageRef]) -> list[ImageResult]: ...
 
+    def infer_shared(self, models: list[LoadedModel], job_id: int,
+                     images: list[ImageRef]) -> list[list[ImageResult] | None]: ...
+
     def commit(self, result: JobResult) -> None: ...
+
+
+def same_input(a: LoadedModel, b: LoadedModel) -> bool:
+    """Two models that take the same tensor from a file can share one decode (shadow mode)."""
+    return (a.manifest.input, a.manifest.preprocessing, a.manifest.kind, a.manifest.features) \
+        == (b.manifest.input, b.manifest.preprocessing, b.manifest.kind, b.manifest.features)
 
 
 def _wait_all(images: list[ImageRef], futures: list[Future[ImageResult]],
@@ -65,6 +74,16 @@ def _wait_all(images: list[ImageRef], futures: list[Future[ImageResult]],
                 raise PixelDecodeError(f"instance {image.sop_instance_uid}: {exc}") from exc
             raise
     return results
+
+
+def _others(images: list[ImageRef], futures: list[Future[ImageResult]],
+            timeout: float) -> list[ImageResult] | None:
+    """A secondary (shadow) model's results, or None when any image failed on it."""
+    try:
+        return _wait_all(images, futures, [], timeout)
+    except Exception as exc:  # noqa: BLE001 - a shadow failure never fails the job
+        log.warning("shadow inference failed: %s", type(exc).__name__)
+        return None
 
 
 def _forward(target: Future[ImageResult], source: Future[ImageResult]) -> None:
@@ -136,6 +155,32 @@ class WorkerPipeline:
             return
         batcher.submit(tensor, job_id).add_done_callback(partial(_forward, out))
 
+    def infer_shared(self, models: list[LoadedModel], job_id: int,
+                     images: list[ImageRef]) -> list[list[ImageResult] | None]:
+        """Each of ``models`` on the same images, decoded ONCE with the first model's
+        preprocessing (shadow mode: ``models`` must share :func:`same_input`); each decoded
+        image joins every model's next batch. The first model's failure raises; another's
+        (a shadow version) is logged and gives None."""
+        batchers = [self.batcher_for(model) for model in models]
+        per_model: list[list[Future[ImageResult]]] = [[] for _ in models]
+        decodes: list[Future[np.ndarray]] = []
+        for image in images:
+            outs: list[Future[ImageResult]] = [Future() for _ in models]
+            decode = self.decoder.submit(image.path, models[0].manifest)
+            decode.add_done_callback(partial(self._to_batchers, batchers, job_id, outs))
+            for futures, out in zip(per_model, outs, strict=True):
+                futures.append(out)
+            decodes.append(decode)
+        timeout = float(self.settings.visibility_timeout)
+        first = _wait_all(images, per_model[0], decodes, timeout)
+        return [first, *(_others(images, futures, timeout) for futures in per_model[1:])]
+
+    @staticmethod
+    def _to_batchers(batchers: list[Batcher], job_id: int, outs: list[Future[ImageResult]],
+                     decode: Future[np.ndarray]) -> None:
+        for batcher, out in zip(batchers, outs, strict=True):
+            WorkerPipeline._to_batcher(batcher, job_id, out, decode)
+
     def commit(self, result: JobResult) -> None:
         self.writer.commit(result, timeout=float(self.settings.visibility_timeout))
 
@@ -181,6 +226,32 @@ class InlineRunner:
         info = BatchInfo(0, len(images), (job_id,))
         return [ImageResult({name: np.asarray(value)[i] for name, value in outputs.items()}, info)
                 for i in range(len(images))]
+
+    def infer_shared(self, models: list[LoadedModel], job_id: int,
+                     images: list[ImageRef]) -> list[list[ImageResult] | None]:
+        decodes = [self._decoder.submit(image.path, models[0].manifest) for image in images]
+        tensors = []
+        for image, decode in zip(images, decodes, strict=True):
+            try:
+                tensors.append(decode.result())
+            except PixelDecodeError as exc:
+                raise PixelDecodeError(f"instance {image.sop_instance_uid}: {exc}") from exc
+        batch = np.stack(tensors)
+        info = BatchInfo(0, len(images), (job_id,))
+        results: list[list[ImageResult] | None] = []
+        for number, model in enumerate(models):
+            try:
+                outputs = model.runtime.infer(batch)
+            except Exception as exc:
+                if number == 0:
+                    raise
+                log.warning("shadow inference failed: %s", type(exc).__name__)
+                results.append(None)
+                continue
+            results.append([ImageResult({name: np.asarray(value)[i]
+                                         for name, value in outputs.items()}, info)
+                            for i in range(len(images))])
+        return results
 
     def commit(self, result: JobResult) -> None:
         write_group(self.settings, [result])

@@ -15,19 +15,19 @@ import os
 import socket
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 
 from db import jobs as job_states
-from db.models import Instance, Job, Model, Series
+from db.models import Instance, Job, Model, ModelStage, Series
 from db.session import session_scope
 from lightbox.errors import LightboxError, PixelDecodeError
 from lightbox.heatmaps import save_heatmap
 from lightbox.manifest import Manifest
 from lightbox.settings import Settings
 from worker.batcher import ImageResult
-from worker.model_cache import ModelCache
-from worker.pipeline import ImageRef, InlineRunner, JobRunner
+from worker.findings import finding_rows
+from worker.model_cache import LoadedModel, ModelCache
+from worker.pipeline import ImageRef, InlineRunner, JobRunner, same_input
 from worker.writer import JobResult, write_results
 
 __all__ = ["ImageRef", "run_job", "worker_name", "write_results"]
@@ -51,27 +51,41 @@ def _study_images(session, job: Job) -> list[ImageRef]:  # type: ignore[no-untyp
     return [ImageRef(*row) for row in rows]
 
 
-def _scores(manifest: Manifest, result: ImageResult) -> np.ndarray:
-    scores = result.outputs.get(manifest.output_name)
-    if scores is None:
-        scores = next(iter(result.outputs.values()))
-    return np.asarray(scores, dtype=np.float32).reshape(-1)
+def _load_shadows(runner: JobRunner, job_id: int,
+                  shadows: list[tuple[int, str]]) -> list[LoadedModel]:
+    """The shadow versions that load; a broken shadow bundle never fails the production job."""
+    loaded = []
+    for model_id, bundle_path in shadows:
+        try:
+            loaded.append(runner.cache.get(model_id, bundle_path))
+        except Exception as exc:  # noqa: BLE001 - logged, the job goes on
+            log.warning("job %s: shadow model %s not loaded: %s", job_id, model_id,
+                        type(exc).__name__)
+    return loaded
 
 
-def _finding_rows(job: Job, manifest: Manifest, images: list[ImageRef],
-                  results: list[ImageResult]) -> list[dict[str, Any]]:
-    rows = []
-    for image, result in zip(images, results, strict=True):
-        for label, score in zip(manifest.labels, _scores(manifest, result), strict=True):
-            threshold = manifest.threshold_for(label)
-            rows.append({
-                "job_id": job.id, "study_id": job.study_id,
-                "series_instance_uid": image.series_instance_uid,
-                "sop_instance_uid": image.sop_instance_uid, "label": label,
-                "score": float(score), "threshold": threshold,
-                "positive": bool(score >= threshold), "superseded": False,
-            })
-    return rows
+def _infer(runner: JobRunner, job_id: int, model: LoadedModel, shadows: list[LoadedModel],
+           images: list[ImageRef]) -> tuple[list[ImageResult],
+                                           list[tuple[LoadedModel, list[ImageResult]]]]:
+    """Production results, and each shadow version's. Shadow versions taking the same input
+    share the production model's decode (each decoded image joins both batchers); others
+    decode on their own. A shadow failure costs its rows only."""
+    if not images:
+        return [], [(s, []) for s in shadows]
+    shared = [s for s in shadows if same_input(model, s)]
+    everything = runner.infer_shared([model, *shared], job_id, images)
+    results = everything[0]
+    assert results is not None
+    done = [(s, r) for s, r in zip(shared, everything[1:], strict=True) if r is not None]
+    for shadow in shadows:
+        if shadow in shared:
+            continue
+        try:
+            done.append((shadow, runner.infer_images(shadow, job_id, images)))
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("job %s: shadow model %s failed: %s", job_id, shadow.model_id,
+                        type(exc).__name__)
+    return results, done
 
 
 def _save_heatmaps(settings: Settings, job_id: int, manifest: Manifest,
@@ -119,11 +133,24 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
         assert model_row is not None
         images = _study_images(session, job)
         bundle_path = model_row.bundle_path
+        shadows = [(r.id, r.bundle_path) for r in session.scalars(
+            select(Model).where(Model.name == model_row.name, Model.shadow.is_(True),
+                                Model.stage == ModelStage.staging, Model.id != model_row.id))]
     runner.heartbeats.add(job_id)
     try:
         model = runner.cache.get(job.model_id, bundle_path)
-        results = runner.infer_images(model, job_id, images) if images else []
-        rows = _finding_rows(job, model.manifest, images, results)
+        if shadows:
+            results, shadow_results = _infer(runner, job_id, model,
+                                             _load_shadows(runner, job_id, shadows), images)
+        else:
+            results = runner.infer_images(model, job_id, images) if images else []
+            shadow_results = []
+        refs = [(i.series_instance_uid, i.sop_instance_uid) for i in images]
+        rows = finding_rows(job.id, job.study_id, model.manifest, model.model_id, refs,
+                            [r.outputs for r in results])
+        for shadow, outputs in shadow_results:
+            rows += finding_rows(job.id, job.study_id, shadow.manifest, shadow.model_id, refs,
+                                 [r.outputs for r in outputs], shadow=True)
         heatmaps = _save_heatmaps(settings, job_id, model.manifest, images, results)
         runner.commit(JobResult(job_id, rows, _batches(results)))
         log.info("job %s succeeded: %d image(s), %d finding(s), %d heatmap(s)", job_id,

@@ -16,6 +16,8 @@ class ModelInfo:
 
     name: str
     version: str
+    # Trained on SYNTHETIC data: every object says it is not for clinical use.
+    synthetic: bool = False
 
     @property
     def description(self) -> str:
@@ -31,3 +33,7 @@ class FindingItem:
     threshold: float
     positive: bool
     sop_instance_uid: str | None = None
+    # Multiclass (softmax) rows: every class's probability, and whether the top probability was
+    # below the model's confident threshold. ``positive`` is False for the background class.
+    distribution: dict[str, float] | None = None
+    indeterminate: bool = False

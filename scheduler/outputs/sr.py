@@ -39,27 +39,68 @@ def _group(finding: FindingItem, model: ModelInfo,
     group_sources = [hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID),
                                                           str(ds.SOPInstanceUID))
                      for ds in sources]
-    measurements = [
-        hd.sr.Measurement(
-            name=_label_concept(finding.label, "-score", f"{finding.label} score"),
-            value=float(finding.score), unit=UNITLESS, algorithm_id=algorithm,
-            referenced_images=referenced),
-        hd.sr.Measurement(
-            name=_label_concept(finding.label, "-threshold", f"{finding.label} threshold"),
-            value=float(finding.threshold), unit=UNITLESS, algorithm_id=algorithm),
-    ]
-    evaluation = hd.sr.QualitativeEvaluation(
-        name=_label_concept(finding.label),
-        value=codes.SCT.Present if finding.positive else codes.SCT.Absent)
+    if finding.distribution is not None:
+        measurements, evaluations = _class_items(finding, algorithm, referenced)
+    else:
+        measurements = [
+            hd.sr.Measurement(
+                name=_label_concept(finding.label, "-score", f"{finding.label} score"),
+                value=float(finding.score), unit=UNITLESS, algorithm_id=algorithm,
+                referenced_images=referenced),
+            hd.sr.Measurement(
+                name=_label_concept(finding.label, "-threshold", f"{finding.label} threshold"),
+                value=float(finding.threshold), unit=UNITLESS, algorithm_id=algorithm),
+        ]
+        evaluations = [hd.sr.QualitativeEvaluation(
+            name=_label_concept(finding.label),
+            value=codes.SCT.Present if finding.positive else codes.SCT.Absent)]
     where = finding.sop_instance_uid or "study"
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(), identifier=f"{finding.label} {where}"[:64]),
         algorithm_id=algorithm,
         measurements=measurements,
-        qualitative_evaluations=[evaluation],
+        qualitative_evaluations=evaluations or None,
         source_images=group_sources,
     )
+
+
+def _class_items(finding: FindingItem, algorithm: hd.sr.AlgorithmIdentification,
+                 referenced: list[hd.sr.SourceImageForMeasurement],
+                 ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """A multiclass image: the class distribution as numeric measurements; present/absent only
+    for what is a finding. A decided finding class is present; a decided background class
+    makes every other class absent; an indeterminate image asserts nothing."""
+    distribution = finding.distribution or {}
+    measurements = [
+        hd.sr.Measurement(name=_label_concept(label, "-prob", f"{label} probability"),
+                          value=float(p), unit=UNITLESS, algorithm_id=algorithm,
+                          referenced_images=referenced)
+        for label, p in distribution.items()]
+    if finding.threshold > 0:
+        measurements.append(hd.sr.Measurement(
+            name=_label_concept("confident", "-threshold", "confident threshold"),
+            value=float(finding.threshold), unit=UNITLESS, algorithm_id=algorithm))
+    if finding.indeterminate:
+        return measurements, []
+    if finding.positive:
+        return measurements, [hd.sr.QualitativeEvaluation(name=_label_concept(finding.label),
+                                                          value=codes.SCT.Present)]
+    return measurements, [hd.sr.QualitativeEvaluation(name=_label_concept(label),
+                                                      value=codes.SCT.Absent)
+                          for label in distribution if label != finding.label]
+
+
+NOT_FOR_CLINICAL_USE = ("Model trained on SYNTHETIC data: this result is not for clinical "
+                        "use.")
+
+
+def _synthetic_comment(report: hd.sr.MeasurementReport) -> None:
+    """A TEXT comment at the root: the result of a SYNTHETIC-trained model, not for clinical
+    use (readers and PACS show it with the findings)."""
+    report[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=NOT_FOR_CLINICAL_USE,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
 
 
 def build_sr(sources: Sequence[Dataset], findings: Sequence[FindingItem], model: ModelInfo,
@@ -80,6 +121,8 @@ def build_sr(sources: Sequence[Dataset], findings: Sequence[FindingItem], model:
         imaging_measurements=[_group(f, model, by_uid) for f in findings],
         title=codes.DCM.ImagingMeasurementReport,
     )
+    if model.synthetic:
+        _synthetic_comment(report)
     with warnings.catch_warnings():
         # highdicom warns with the value of odd person names: patient data must not reach logs.
         warnings.simplefilter("ignore", UserWarning)
@@ -99,7 +142,9 @@ def _document(sources: Sequence[Dataset], report: hd.sr.MeasurementReport, model
         is_complete=False,
         is_final=False,
         is_verified=False,
-        series_description=f"AI findings {model.description} (unverified)"[:64],
+        series_description=(f"AI findings {model.description} "
+                            f"({'SYNTHETIC, not clinical' if model.synthetic else 'unverified'})"
+                            )[:64],
         manufacturer_model_name=model.name[:64],
         software_versions=model.version[:64],
     )
