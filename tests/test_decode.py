@@ -3,7 +3,6 @@ the spawned decode pool returns exactly what inline preprocessing does (errors i
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from lightbox.pixels import (
     to_display,
 )
 from lightbox.preprocess import prepare_file
+from tests.peers import require
 from worker.decode_pool import DecodePool
 
 
@@ -276,8 +276,7 @@ def _reference_frame(ds: pydicom.Dataset) -> np.ndarray:
 
 def _dcmcjpeg(source: str, out: Path, *options: str) -> Path:
     """``source`` re-encoded by dcmtk's dcmcjpeg (as a modality or PACS would send it)."""
-    if shutil.which("dcmcjpeg") is None:
-        pytest.skip("dcmcjpeg (dcmtk) is not installed; .ci/run installs it")
+    require("dcmcjpeg", "apt-get install dcmtk; .ci/run does")
     subprocess.run(["dcmcjpeg", *options, get_testdata_file(source), str(out)], check=True,
                    capture_output=True, timeout=120)
     return out
