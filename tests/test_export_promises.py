@@ -155,17 +155,16 @@ def _model_id(backend: Backend, model_bundle: Path) -> int:
 
 
 def test_outbox_retries_transient_with_doubling_backoff_and_kills_4xx_at_once(
-        sqlite_backend: Backend, model_bundle: Path, stow_peer: StowPeer,
-        tmp_path: Path) -> None:
+        backend: Backend, model_bundle: Path, stow_peer: StowPeer, tmp_path: Path) -> None:
     """One job, two STOW-RS destinations: ``busy`` answers 503 every time, ``bad`` 400. The
     400 row is dead after one request. The 503 row waits 100, 200, 350 (cap), 350 s between
     attempts — each ``not_before`` set exactly that long after its attempt — and is dead after
     the 5th (``max_attempts``). Time is not waited for: ``not_before`` is moved to the past."""
-    settings = configured(sqlite_backend, [stow_peer.destination("busy", 503),
+    settings = configured(backend, [stow_peer.destination("busy", 503),
                                            stow_peer.destination("bad", 400)],
                           export_backoff_seconds=100.0, export_backoff_max_seconds=350.0,
                           export_max_attempts=5)
-    job_id = succeeded_job(sqlite_backend, _model_id(sqlite_backend, model_bundle), tmp_path,
+    job_id = succeeded_job(backend, _model_id(backend, model_bundle), tmp_path,
                            heatmap=False)
     assert build_pass(settings) == 2
     delays = []
