@@ -1,7 +1,8 @@
 """Real DICOM peers for the PACS tests: dcmtk tools, an Orthanc server, our own `lightbox scp`.
 
 Everything runs on loopback on free ports. Tests that need a binary that is missing skip with
-the reason (.ci/run installs dcmtk, orthanc, orthanc-dicomweb and dicom3tools).
+the reason, and fail under ``CI=true`` (:mod:`tests.peers`; .ci/run installs dcmtk, orthanc,
+orthanc-dicomweb, dicom3tools and openssl).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -19,21 +19,28 @@ from pathlib import Path
 
 import httpx
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from tests import peers
 from tests.conftest import Backend, stop_processes, wait_for
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def require(*binaries: str) -> None:
-    missing = [b for b in binaries if shutil.which(b) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install dcmtk orthanc "
-                    f"orthanc-dicomweb dicom3tools; .ci/run does)")
+    """Each binary on PATH, else skip (fail under ``CI=true``: :func:`tests.peers.require`)."""
+    for binary in binaries:
+        peers.require(binary, "apt-get install dcmtk orthanc orthanc-dicomweb dicom3tools "
+                              "openssl; .ci/run does")
+
+
+def require_dicomweb() -> None:
+    """Orthanc's DICOMweb plugin (STOW-RS client and server), else skip / fail in CI."""
+    require("Orthanc")
+    peers.require_that(DICOMWEB_PLUGIN.exists(), f"the orthanc-dicomweb plugin ({DICOMWEB_PLUGIN})",
+                       "apt-get install orthanc-dicomweb; .ci/run does")
 
 
 def ct_instances(count: int) -> list[pydicom.Dataset]:

@@ -177,10 +177,36 @@ def test_hostile_folder_quarantines_each_bad_file_and_processes_the_rest(
 
 
 def test_read_header_never_raises_anything_but_ingest_errors() -> None:
+    """Over every pydicom test file: an accepted header says what pydicom itself reads (UIDs,
+    syntax, size), a file pydicom does not take as DICOM is ``not_dicom``, anything else is an
+    IngestError with its reason; each outcome occurs (any other exception fails the test)."""
     from lightbox.errors import IngestError
 
+    outcomes: dict[str, list[str]] = {"accepted": [], "not_dicom": [], "rejected": []}
     for path in _pydicom_files():
         try:
-            read_header(path)
-        except IngestError:
-            pass
+            reference = pydicom.dcmread(path, stop_before_pixels=True)
+        except pydicom.errors.InvalidDicomError:
+            reference = None
+        except Exception:  # noqa: BLE001 - pydicom's own failure: read_header must refuse too
+            reference = False  # type: ignore[assignment]
+        try:
+            header = read_header(path)
+        except IngestError as exc:
+            assert str(exc), path.name
+            if reference is None:
+                assert exc.code == "not_dicom", (path.name, str(exc))
+                outcomes["not_dicom"].append(path.name)
+            else:
+                assert exc.code != "not_dicom", (path.name, str(exc))
+                outcomes["rejected"].append(path.name)
+            continue
+        assert reference, f"{path.name}: accepted, but pydicom cannot read it"
+        assert (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid,
+                header.sop_class_uid, header.transfer_syntax_uid) == (
+            reference.StudyInstanceUID, reference.SeriesInstanceUID, reference.SOPInstanceUID,
+            reference.SOPClassUID, reference.file_meta.TransferSyntaxUID), path.name
+        assert (header.rows, header.columns) == (reference.get("Rows"), reference.get("Columns"))
+        outcomes["accepted"].append(path.name)
+    assert "CT_small.dcm" in outcomes["accepted"] and "no_meta.dcm" in outcomes["not_dicom"]
+    assert all(outcomes.values()), {k: len(v) for k, v in outcomes.items()}

@@ -4,12 +4,15 @@ result goes back to its own job and SOP instance; group commits; error isolation
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import sqlalchemy as sa
 from onnx import TensorProto, helper
 from sqlalchemy import select
 
@@ -17,7 +20,7 @@ from db.models import Event, Finding, Job, JobState
 from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
-from lightbox.heatmaps import load_heatmap
+from lightbox.heatmaps import heatmap_path, load_heatmap
 from lightbox.manifest import Manifest, load_manifest, write_bundle_manifest
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
@@ -341,8 +344,40 @@ def _cam_bundle(directory: Path) -> Path:
     return directory
 
 
+@contextmanager
+def heatmaps_at_findings_commit(settings: Settings) -> Iterator[list[tuple[int, str, bool]]]:
+    """At the moment a transaction that inserted findings commits (SQLAlchemy's ``commit``
+    connection event, before the database commits), record for each inserted (job, image)
+    whether its heatmap file already exists."""
+    pending: dict[int, list[tuple[int, str]]] = {}
+    seen: list[tuple[int, str, bool]] = []
+    lock = threading.Lock()
+
+    def inserted(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]  # noqa: ANN001, E501
+        if statement.lstrip().upper().startswith("INSERT INTO FINDINGS"):
+            with lock:
+                pending.setdefault(id(conn), []).extend(
+                    (int(p["job_id"]), str(p["sop_instance_uid"]))
+                    for p in context.compiled_parameters)
+
+    def committing(conn) -> None:  # type: ignore[no-untyped-def]  # noqa: ANN001
+        with lock:
+            for job_id, sop in pending.pop(id(conn), []):
+                seen.append((job_id, sop, heatmap_path(settings, job_id, sop).is_file()))
+
+    sa.event.listen(sa.engine.Engine, "after_cursor_execute", inserted)
+    sa.event.listen(sa.engine.Engine, "commit", committing)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(sa.engine.Engine, "after_cursor_execute", inserted)
+        sa.event.remove(sa.engine.Engine, "commit", committing)
+
+
 def test_heatmaps_saved_for_each_image_before_commit(sqlite_backend: Backend,
                                                      tmp_path: Path) -> None:
+    """Each image's heatmap is on disk when the transaction with its findings commits (so a
+    succeeded job never lacks its maps), checked at that moment, not afterwards."""
     settings = sqlite_backend.settings
     bundle = _cam_bundle(tmp_path / "bundle")
     with session_scope(settings.sqlalchemy_url) as session:
@@ -360,11 +395,13 @@ def test_heatmaps_saved_for_each_image_before_commit(sqlite_backend: Backend,
                               decoder=DecodePool(2))
     try:
         jobs = _job_of_study(settings)
-        with ThreadPoolExecutor(2) as pool:
+        with heatmaps_at_findings_commit(settings) as at_commit, ThreadPoolExecutor(2) as pool:
             outcomes = list(pool.map(lambda j: run_job(settings, pipeline, j), jobs.values()))
     finally:
         pipeline.close()
     assert outcomes == ["succeeded", "succeeded"]
+    assert sorted(at_commit) == sorted(
+        (jobs[s.study_instance_uid], sop, True) for s in studies for sop in s.sop_instance_uids)
     for study in studies:
         job = jobs[study.study_instance_uid]
         for sop in study.sop_instance_uids:

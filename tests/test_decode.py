@@ -3,7 +3,6 @@ the spawned decode pool returns exactly what inline preprocessing does (errors i
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from lightbox.pixels import (
     to_display,
 )
 from lightbox.preprocess import prepare_file
+from tests.peers import require
 from worker.decode_pool import DecodePool
 
 
@@ -59,8 +59,23 @@ def test_nonlinear_windows_take_the_general_path() -> None:
     ds.WindowCenter, ds.WindowWidth = 40.0, 400.0
     ds.VOILUTFunction = "SIGMOID"
     assert linear_window(ds) is None
-    out = to_display(decode_frame(ds), ds, PreprocessSpec())
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    stored = decode_frame(ds)
+    out = to_display(stored, ds, PreprocessSpec())
+    # PS3.3 C.11.2.1.3.1: y = 1 / (1 + exp(-4 (x - c) / w)) (any output range: the display
+    # scale maps the sigmoid of the stored extremes to 0 and 1).
+    bits = int(ds.BitsStored)
+    extremes = (np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1]) if ds.PixelRepresentation
+                else np.array([0, 2 ** bits - 1]))
+
+    def sigmoid(raw: np.ndarray) -> np.ndarray:
+        x = raw.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - 40.0) / 400.0))
+
+    low, high = sigmoid(extremes)
+    expected = (sigmoid(stored) - low) / (high - low)
+    assert out.shape == stored.shape
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert float(out.max()) - float(out.min()) > 0.5  # the window shows the image
     ds.VOILUTFunction = "LINEAR"
     ds.WindowWidth = 1.0  # degenerate
     assert linear_window(ds) is None
@@ -276,8 +291,7 @@ def _reference_frame(ds: pydicom.Dataset) -> np.ndarray:
 
 def _dcmcjpeg(source: str, out: Path, *options: str) -> Path:
     """``source`` re-encoded by dcmtk's dcmcjpeg (as a modality or PACS would send it)."""
-    if shutil.which("dcmcjpeg") is None:
-        pytest.skip("dcmcjpeg (dcmtk) is not installed; .ci/run installs it")
+    require("dcmcjpeg", "apt-get install dcmtk; .ci/run does")
     subprocess.run(["dcmcjpeg", *options, get_testdata_file(source), str(out)], check=True,
                    capture_output=True, timeout=120)
     return out

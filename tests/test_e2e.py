@@ -43,7 +43,11 @@ def test_watched_folder_to_findings(backend: Backend, registered_model: tuple[in
     real_uid, real_paths = real_chest_crs(staging)
     ct_uid = write_ct_study(staging)
     (staging / "report.txt").write_text("not DICOM")
-    (staging / "cut.dcm").write_bytes(synthetic[1].paths[0].read_bytes()[:3000])
+    whole = synthetic[1].paths[0].read_bytes()
+    (staging / "cut.dcm").write_bytes(whole[:3000])
+    pixel_bytes = 256 * 256 * 2  # the last element: its value ends the file
+    cut_reason = (f"file truncated: element (7FE0,0010) has "
+                  f"{3000 - (len(whole) - pixel_bytes)} of {pixel_bytes} bytes")
     expected = {s.study_instance_uid: set(s.sop_instance_uids) for s in synthetic}
     procs = [backend.spawn("worker", log=logs / "worker.log"),
              backend.spawn("scheduler", log=logs / "scheduler.log"),
@@ -89,8 +93,9 @@ def test_watched_folder_to_findings(backend: Backend, registered_model: tuple[in
             found.setdefault(study_uid, set()).add(sop_uid)
         assert found == expected  # every instance of every routed study, exactly once
         assert len(rows) == sum(len(v) for v in expected.values())
-        assert set(quarantined) == {"report.txt", "cut.dcm"}
-        assert all(quarantined.values())
+        assert quarantined == {
+            "report.txt": "not a DICOM Part 10 file (no 'DICM' prefix or file meta)",
+            "cut.dcm": cut_reason}
         assert not list(inbox.rglob("*"))  # everything was taken out of the inbox
 
         results = _cli_json(backend, "results", "--format", "json")

@@ -90,19 +90,25 @@ def test_duplicate_message_cannot_run_a_job_twice(backend: Backend, tiny_model: 
 def test_stale_running_job_is_requeued_then_dead(backend: Backend, tiny_model: int,
                                                  tmp_path: Path) -> None:
     settings = _settings(backend, job_max_attempts=2)
-    _studies(backend, tmp_path, 1)
+    _studies(backend, tmp_path, 2)
     app = make_celery(settings)
     run_pass(settings, app, load_rules())
-    [job] = _jobs(settings.sqlalchemy_url)
+    job, live = _jobs(settings.sqlalchemy_url)
     url = settings.sqlalchemy_url
     old = datetime.now(timezone.utc) - timedelta(seconds=60)
+    with session_scope(url) as session:
+        assert job_states.claim(session, live.id, "live-worker") is not None
     for attempt in (1, 2):
         with session_scope(url) as session:
             assert job_states.claim(session, job.id, f"worker-{attempt}") is not None
             session.execute(update(Job).where(Job.id == job.id).values(heartbeat_at=old))
-        # A live job (fresh heartbeat) is left alone by the same pass of an earlier attempt.
+            # A live job (fresh heartbeat) is left alone by the same pass.
+            session.execute(update(Job).where(Job.id == live.id).values(
+                heartbeat_at=datetime.now(timezone.utc)))
         report = run_pass(settings, app, load_rules())
-        [job] = _jobs(url)
+        job, still_live = _jobs(url)
+        assert (still_live.state, still_live.worker, still_live.attempts,
+                still_live.error_code) == (JobState.running, "live-worker", 1, None)
         assert job.error_code == "heartbeat_lost" and job.attempts == attempt
         if attempt == 1:
             assert (report.jobs_stale, job.state) == (1, JobState.queued)

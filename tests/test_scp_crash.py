@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE, StoragePresentationContexts
-from sqlalchemy import select, text
+from pynetdicom.dsutils import encode
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from db.models import Instance, QuarantinedFile
@@ -113,8 +114,21 @@ def _check_registered(backend: Backend, datasets: list[pydicom.Dataset],
         assert row.source == "scp:MODALITY"
         stored = Path(row.stored_path)
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
-        assert pydicom.dcmread(stored).PixelData == by_uid[uid].PixelData
-    assert len(rows) == len(set(rows))  # one row per SOP Instance UID
+        # Byte for byte: the stored data set is the sender's encoding in the negotiated syntax.
+        syntax = pydicom.uid.UID(row.transfer_syntax_uid)
+        sent = encode(by_uid[uid], syntax.is_implicit_VR, syntax.is_little_endian)
+        assert _data_set_bytes(stored) == sent
+    with session_scope(backend.settings.sqlalchemy_url) as session:
+        doubled = list(session.execute(
+            select(Instance.sop_instance_uid, func.count()).group_by(Instance.sop_instance_uid)
+            .having(func.count() > 1)))
+    assert doubled == []  # one row per SOP Instance UID
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """A Part 10 file minus preamble, prefix and file meta group."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):]
 
 
 def test_spool_left_by_a_crash_is_registered_at_next_start(backend: Backend,

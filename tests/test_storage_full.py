@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select
@@ -23,6 +22,7 @@ from db.session import session_scope
 from lightbox.synthetic import write_study
 from tests.conftest import Backend, wait_for
 from tests.pacs_peers import lightbox_scp, require, run_dcmtk
+from tests.peers import require_that
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -78,14 +78,14 @@ def _instance(rng: np.random.Generator, template: pydicom.Dataset, size: int) ->
 
 
 def test_full_disk_nothing_half_registered(sqlite_backend: Backend, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs as storage needs root")
+    require_that(os.geteuid() == 0, "root", "mounting a small tmpfs as storage needs root "
+                 "(CI runs as root)")
     storage = sqlite_backend.settings.storage_dir
     storage.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(storage)],
                              capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {mounted.stderr.strip()}")
+    require_that(mounted.returncode == 0, "a tmpfs mount",
+                 f"cannot mount tmpfs here: {mounted.stderr.strip()}")
     try:
         rng = np.random.default_rng(2)
         study = write_study(tmp_path / "study", rng, label=0, images=1, size=64)

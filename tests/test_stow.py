@@ -9,14 +9,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pydicom
-import pytest
 from sqlalchemy import select
 
 from db.models import Instance, QuarantinedFile
 from db.session import session_scope
 from lightbox.synthetic import real_chest_crs, write_study
 from tests.conftest import Backend, stop_processes, wait_for
-from tests.pacs_peers import DICOMWEB_PLUGIN, free_port, orthanc, require, with_env
+from tests.pacs_peers import free_port, orthanc, require_dicomweb, with_env
 
 TOKEN = "test-token-" + uuid.uuid4().hex
 
@@ -82,9 +81,7 @@ def test_stow_per_instance_results(backend: Backend, tmp_path: Path) -> None:
 
 
 def test_orthanc_stow_client(sqlite_backend: Backend, tmp_path: Path) -> None:
-    require("Orthanc")
-    if not DICOMWEB_PLUGIN.exists():
-        pytest.skip("needs the orthanc-dicomweb plugin")
+    require_dicomweb()
     study = write_study(tmp_path / "syn", np.random.default_rng(10), label=1, images=3, size=96)
     proc, url = _api(sqlite_backend, tmp_path)
     try:

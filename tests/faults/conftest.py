@@ -28,6 +28,7 @@ from scheduler.register import register_file
 from tests.conftest import Backend, _env, stop_processes, wait_for
 from tests.faults.model import tiny_bundle_fixture  # noqa: F401 - fixture
 from tests.faults.servers import PostgresServer, RedisServer, Unavailable
+from tests.peers import missing
 
 FAST = {
     "LIGHTBOX_QUIET_SECONDS": "0.5",
@@ -57,7 +58,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         redis_server = RedisServer(tmp_path_factory.mktemp("faults-redis"))
         redis_server.start()
     except Unavailable as exc:
-        pytest.skip(f"fault suite needs its own PostgreSQL and Redis: {exc}")
+        missing("its own PostgreSQL and Redis (the fault suite)",
+                f"{exc}; .ci/run installs the PostgreSQL server binaries")
     yield Servers(postgres, redis_server)
     redis_server.kill()
     postgres.stop()
