@@ -2,7 +2,7 @@
 
 Against a running `lightbox api`, worker and scheduler on SQLite: sign in with a token, find a
 study and its finding, open its heatmap, retry a dead job and watch it succeed, promote a
-model, sign out. Screenshots go to ``$LIGHTBOX_SCREENSHOT_DIR`` (the README's come from here)
+model, sign out. Screenshots go to ``$LIGHTBOX_TEST_SCREENSHOT_DIR`` (the README's come from here)
 or the test's temp dir. Skips with the reason where Chromium or Selenium is missing; fails
 instead under ``CI=true`` (.ci/run installs them).
 """
@@ -21,6 +21,7 @@ import pytest
 from db.registry import register_bundle
 from db.session import session_scope
 from tests.conftest import Backend, stop_processes, wait_for
+from tests.peers import missing
 from tests.test_api import OPERATOR, READER, TOKENS, Seeded, free_port, seed
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -41,9 +42,7 @@ def _missing() -> str | None:
 def browser() -> Iterator[object]:
     reason = _missing()
     if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"browser tests must run in CI: {reason}")
-        pytest.skip(reason)
+        missing("the dashboard's browser", reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -99,7 +98,7 @@ def test_dashboard_in_chromium(browser, running, tmp_path: Path) -> None:  # typ
     from selenium.webdriver.common.by import By
 
     base, seeded, staging_version = running
-    shots = Path(os.environ.get("LIGHTBOX_SCREENSHOT_DIR") or tmp_path)
+    shots = Path(os.environ.get("LIGHTBOX_TEST_SCREENSHOT_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     driver = browser
 
