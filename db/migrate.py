@@ -60,18 +60,32 @@ def check_revision(url: str) -> None:
 
     from lightbox.errors import ConfigurationError
 
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
     applied = set((current_revision(url) or "").split(",")) - {""}
     expected = expected_revisions()
-    if applied == expected:
-        return
-    known = {script.revision for script in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
+    known = {rev.revision for rev in script.walk_revisions()}
     if applied - known:
         raise ConfigurationError(
             f"database schema {','.join(sorted(applied))} is newer than this Lightbox "
             f"({','.join(sorted(expected))}): run this release's newer image or version")
-    raise ConfigurationError(
-        f"database schema {','.join(sorted(applied)) or 'empty'} is older than this Lightbox "
-        f"({','.join(sorted(expected))}): run `lightbox db upgrade` first (cluster mode)")
+
+    def closure(heads: set[str]) -> set[str]:  # with what they revise and depend on
+        seen: set[str] = set()
+        todo = list(heads)
+        while todo:
+            rev = script.get_revision(todo.pop())
+            if rev is None or rev.revision in seen:
+                continue
+            seen.add(rev.revision)
+            for parents in (rev.down_revision, rev.dependencies):
+                todo.extend([parents] if isinstance(parents, str) else parents or ())
+        return seen
+
+    if closure(applied) != closure(expected):
+        raise ConfigurationError(
+            f"database schema {','.join(sorted(applied)) or 'empty'} is older than this "
+            f"Lightbox ({','.join(sorted(expected))}): run `lightbox db upgrade` first "
+            "(cluster mode)")
 
 
 def current_revision(url: str) -> str | None:

@@ -14,7 +14,6 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 # "Not set" for the roots that default under the data dir (no environment value holds a NUL).
 _UNSET = Path("\0unset")
 
