@@ -17,6 +17,7 @@ from lightbox.settings import Settings, get_settings
 
 
 @click.group()
+@click.version_option(package_name="lightbox", prog_name="lightbox")
 def main() -> None:
     """Lightbox: batch AI inference for hospital imaging queues."""
 
