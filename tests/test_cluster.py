@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -369,3 +370,51 @@ def test_sigterm_worker_finishes_in_flight_jobs_and_exits_0(sqlite_backend: Back
                                        .group_by(Finding.job_id)).all())
     assert attempts == [1] * len(studies)  # none ran twice
     assert sorted(per_job.values()) == [2] * len(studies)  # none lost, none doubled
+
+
+def test_scp_api_export_serve_probes_and_stop_cleanly(sqlite_backend: Backend,
+                                                      tmp_path: Path) -> None:
+    """Each long-running PACS process serves its probes and metrics; on SIGTERM the SCP
+    registers everything it acknowledged (the spool drained), and all three exit 0."""
+    storescu = shutil.which("storescu")
+    if storescu is None:
+        pytest.skip("dcmtk storescu is not installed (.ci/run installs it)")
+    settings = sqlite_backend.settings
+    ports = {name: free_port() for name in ("scp", "scp-metrics", "api", "export-metrics")}
+    base = {**sqlite_backend.env, "LIGHTBOX_METRICS_BIND_ADDRESS": "127.0.0.1"}
+    scp = _spawn({**base, "LIGHTBOX_SCP_PORT": str(ports["scp"]),
+                  "LIGHTBOX_SCP_BIND_ADDRESS": "127.0.0.1", "LIGHTBOX_SCP_ALLOWED_CALLERS": "*",
+                  "LIGHTBOX_METRICS_PORT": str(ports["scp-metrics"])},
+                 tmp_path, tmp_path / "scp.log", "scp")
+    api = _spawn({**base, "LIGHTBOX_API_TOKEN": "t0ken", "LIGHTBOX_API_PORT": str(ports["api"])},
+                 tmp_path, tmp_path / "api.log", "api")
+    export = _spawn({**base, "LIGHTBOX_METRICS_PORT": str(ports["export-metrics"])},
+                    tmp_path, tmp_path / "export.log", "export")
+    procs = [scp, api, export]
+    try:
+        urls = {"scp": f"http://127.0.0.1:{ports['scp-metrics']}",
+                "api": f"http://127.0.0.1:{ports['api']}",
+                "export": f"http://127.0.0.1:{ports['export-metrics']}"}
+        for name, url in urls.items():  # the SCP is ready once it listens
+            wait_for(lambda u=url: _get(f"{u}/readyz")[0] == 200, 180, what=f"{name} ready")
+            assert _get(f"{url}/healthz") == (200, "ok\n")
+        study = write_study(tmp_path / "in", np.random.default_rng(7), label=1, images=6)
+        sent = subprocess.run([storescu, "-aet", "MODALITY", "-aec", "LIGHTBOX", "127.0.0.1",
+                               str(ports["scp"]), *map(str, study.paths)],
+                              env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert sent.returncode == 0, sent.stderr
+        metrics_text = _get(f"{urls['scp']}/metrics")[1]
+        assert _metric(metrics_text, "lightbox_cstore_total", status="success") == 6
+        api_metrics = _get(f"{urls['api']}/metrics")[1]
+        assert 'lightbox_jobs{state="queued"}' in api_metrics
+        for proc in procs:  # at once: the SCP's registrar may still hold acknowledged files
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=180) for proc in procs] == [0, 0, 0]
+    finally:
+        stop_processes(procs)
+    with session_scope(settings.sqlalchemy_url) as session:
+        uids = set(session.scalars(select(Instance.sop_instance_uid)))
+    assert uids == set(study.sop_instance_uids)  # every acknowledged instance registered
+    waiting = [p for p in (settings.storage_dir / ".spool").rglob("slot-*") if p.stat().st_size]
+    assert waiting == []  # no acknowledged instance left in the spool

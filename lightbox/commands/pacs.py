@@ -45,7 +45,10 @@ def api() -> None:
         raise click.ClickException("set LIGHTBOX_API_TOKEN: the API never runs unauthenticated")
     app = make_app(settings)
     add_probe_routes(app, settings)
-    # SIGTERM: uvicorn stops accepting and finishes requests in flight (a STOW in progress).
+    # SIGTERM: uvicorn stops accepting and finishes requests in flight (a STOW in progress),
+    # then re-raises the signal to the handlers it found: ours only note it, so the process
+    # exits 0 like the other commands instead of dying of the signal.
+    stop_on_signals()
     uvicorn.run(app, host=settings.api_host, port=settings.api_port,
                 log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=int(settings.shutdown_grace_seconds))
