@@ -6,6 +6,7 @@ and mount point (a bind mount of one shared folder) over one PostgreSQL and one 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -418,3 +419,29 @@ def test_scp_api_export_serve_probes_and_stop_cleanly(sqlite_backend: Backend,
     assert uids == set(study.sop_instance_uids)  # every acknowledged instance registered
     waiting = [p for p in (settings.storage_dir / ".spool").rglob("slot-*") if p.stat().st_size]
     assert waiting == []  # no acknowledged instance left in the spool
+
+
+def test_gpu_metrics_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU utilisation and memory come from nvidia-ml-py; no GPU here, so NVML is a stand-in
+    (mocks only for GPUs), and without it no GPU metric is registered at all."""
+    import types
+
+    from lightbox import metrics
+
+    if importlib.util.find_spec("pynvml") is None:
+        assert metrics.register_gpu_collector() is False
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError = RuntimeError  # type: ignore[attr-defined]
+    fake.nvmlInit = lambda: None  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetCount = lambda: 2  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
+    fake.nvmlDeviceGetUtilizationRates = (  # type: ignore[attr-defined]
+        lambda h: types.SimpleNamespace(gpu=40 + h))
+    fake.nvmlDeviceGetMemoryInfo = (  # type: ignore[attr-defined]
+        lambda h: types.SimpleNamespace(used=(h + 1) * 2**30, total=141 * 2**30))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    samples = {(s.name, s.labels["gpu"]): s.value
+               for family in metrics.GpuCollector().collect() for s in family.samples}
+    assert samples[("lightbox_gpu_utilization_ratio", "1")] == pytest.approx(0.41)
+    assert samples[("lightbox_gpu_memory_used_bytes", "0")] == 2**30
+    assert samples[("lightbox_gpu_memory_total_bytes", "1")] == 141 * 2**30
