@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lightbox.errors import ConfigurationError
 from lightbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,14 @@ def serve_probes(settings: Settings, checks: dict[str, Check]) -> ThreadingHTTPS
         return None
     register_gpu_collector()
     handler = type("ProbeHandler", (_ProbeHandler,), {"checks": checks})
-    server = ThreadingHTTPServer((settings.metrics_bind_address, settings.metrics_port), handler)
+    try:
+        server = ThreadingHTTPServer((settings.metrics_bind_address, settings.metrics_port),
+                                     handler)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"LIGHTBOX_METRICS_PORT={settings.metrics_port}: cannot listen on "
+            f"{settings.metrics_bind_address}:{settings.metrics_port} ({exc.strerror or exc}); "
+            "give each process its own port, or 0 for none") from exc
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
     log.info("metrics and probes on %s:%d", settings.metrics_bind_address, settings.metrics_port)

@@ -28,6 +28,7 @@ from db.models import Export, Finding, Instance, Job, JobState, Model, Series, S
 from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
+from lightbox.errors import ConfigurationError
 from lightbox.metrics import readiness, redis_check, serve_probes
 from lightbox.roots import bundle_dir, relative_to_root, resolve_under, stored_file
 from lightbox.settings import Settings
@@ -193,6 +194,8 @@ def test_readyz_names_what_is_down(tmp_path: Path) -> None:
         assert status == 503 and "redis" in text
         status, text = _get(f"{base}/metrics")
         assert status == 200 and "lightbox_cstore_total" in text
+        with pytest.raises(ConfigurationError, match="^LIGHTBOX_METRICS_PORT="):
+            serve_probes(settings, {})  # the port is taken: a one-line configuration error
     finally:
         server.shutdown()
         server.server_close()

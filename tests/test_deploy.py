@@ -105,7 +105,8 @@ def test_cpu_image_builds_and_runs_the_demo(model_bundle: Path, tmp_path: Path) 
         "RUN lightbox --version | tee /tmp/version\n"
         "RUN python3 -c 'import torch' 2>/dev/null && exit 1 || true\n"
         "RUN lightbox models register /tmp/seed/chest --promote "
-        "&& lightbox demo --studies 2 --timeout 600\n")
+        "&& lightbox demo --studies 2 --timeout 600 "
+        "|| (tail -n 30 /tmp/demo/logs/*.log; exit 1)\n")
     checked = _build("-f", str(check / "Containerfile"), "-t", "localhost/lightbox:cpu-check",
                      context=check)
     output = checked.stdout + checked.stderr

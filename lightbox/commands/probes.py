@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
+import click
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lightbox.errors import ConfigurationError
 from lightbox.metrics import (
     Check,
     flag_check,
@@ -91,7 +93,10 @@ def start_probes(settings: Settings, extra: dict[str, Check] | None = None, *,
     the jobs-by-state and queue-depth gauges (the scheduler and the API export them)."""
     if system:
         register_once("system", SystemCollector(settings))
-    return serve_probes(settings, {**base_checks(settings), **(extra or {})})
+    try:
+        return serve_probes(settings, {**base_checks(settings), **(extra or {})})
+    except ConfigurationError as exc:  # one line naming the variable, not a traceback
+        raise click.ClickException(str(exc)) from exc
 
 
 def worker_checks() -> dict[str, Check]:
