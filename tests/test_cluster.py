@@ -15,6 +15,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +81,37 @@ def test_roots_relative_and_absolute(tmp_path: Path) -> None:
     assert settings.heatmaps_dir.parent == settings.storage_dir
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """An empty database: None for a SQLite file in the data dir, else a PostgreSQL URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"lightbox_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    from db.session import sessionmaker_for
+
+    sessionmaker_for(url).kw["bind"].dispose()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def test_migration_makes_old_absolute_paths_relative(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      empty_database: str | None) -> None:
     """Rows written by an older release (absolute paths) become relative to the roots the
     migration runs with; paths outside the roots stay as they are."""
-    data = tmp_path / "old-node"
+    data = tmp_path / "old_node%"  # LIKE's wildcards in the root are taken literally
     monkeypatch.setenv("LIGHTBOX_DATA_DIR", str(data))
+    if empty_database:
+        monkeypatch.setenv("LIGHTBOX_DATABASE_URL", empty_database)
     settings = Settings()
     url = settings.sqlalchemy_url
     upgrade(url, "0003_reliability")
