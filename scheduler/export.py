@@ -131,7 +131,8 @@ def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltO
         raise LightboxError("no stored source instance for the job's study")
     model = ModelInfo(job.model.name, job.model.version)
     labels = [str(x) for x in job.model.manifest.get("labels", [])]
-    headers = [pydicom.dcmread(stored_file(settings, i.stored_path or ""), stop_before_pixels=True) for i in instances]
+    headers = [pydicom.dcmread(stored_file(settings, i.stored_path or ""),
+                               stop_before_pixels=True) for i in instances]
     items = [FindingItem(f.label, f.score, f.threshold, f.positive, f.sop_instance_uid)
              for f in findings]
     folder = outputs_dir(settings, job.id)

@@ -43,7 +43,8 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _study_images(settings: Settings, session, job: Job) -> list[ImageRef]:  # type: ignore[no-untyped-def]
+def _study_images(settings: Settings, session,  # type: ignore[no-untyped-def]
+                  job: Job) -> list[ImageRef]:
     rows = session.execute(
         select(Instance.sop_instance_uid, Series.series_instance_uid, Instance.stored_path)
         .join(Series, Instance.series_id == Series.id)
@@ -51,7 +52,8 @@ def _study_images(settings: Settings, session, job: Job) -> list[ImageRef]:  # t
                Instance.rows.is_not(None), Instance.stored_path.is_not(None))
         .order_by(Series.series_instance_uid, Instance.sop_instance_uid)
     )
-    return [ImageRef(sop, series, str(stored_file(settings, stored))) for sop, series, stored in rows]
+    return [ImageRef(sop, series, str(stored_file(settings, stored)))
+            for sop, series, stored in rows]
 
 
 def _scores(manifest: Manifest, result: ImageResult) -> np.ndarray:

@@ -17,7 +17,7 @@ from lightbox.settings import Settings
 revision = "0004_cluster"
 down_revision = "0003_reliability"
 branch_labels = None
-depends_on = "0002_pacs"  # the exports table
+depends_on = None
 
 # (table, column, root attribute of Settings)
 COLUMNS = [("instances", "stored_path", "storage_dir"), ("exports", "path", "storage_dir"),
@@ -35,15 +35,27 @@ def _strip(table: str, column: str, old_prefix: str) -> None:
                .values({column: sa.func.substr(col, len(old_prefix) + 1)}))
 
 
+def _tables() -> set[str]:
+    # The exports table comes from 0002_pacs, a sibling branch that may run after this one
+    # (then it is new and empty: nothing to rewrite).
+    return set(sa.inspect(op.get_bind()).get_table_names())
+
+
 def upgrade() -> None:
     settings = Settings()
+    present = _tables()
     for table, column, root in COLUMNS:
+        if table not in present:
+            continue
         _strip(table, column, str(getattr(settings, root)).rstrip("/") + "/")
 
 
 def downgrade() -> None:
     settings = Settings()
+    present = _tables()
     for table, column, root in COLUMNS:
+        if table not in present:
+            continue
         prefix = str(getattr(settings, root)).rstrip("/") + "/"
         t = sa.table(table, sa.column(column, sa.Text))
         col = t.c[column]
