@@ -29,6 +29,7 @@ from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.manifest import load_manifest
 from lightbox.preprocess import prepare_file
+from lightbox.roots import stored_file
 from lightbox.settings import get_settings
 
 PEER_TASK = "bench.peer_study"
@@ -63,7 +64,7 @@ def peer_study(job_id: int, bundle_dir: str) -> int:
             .where(Series.study_id == job.study_id)).all()
         study_id = job.study_id
     for sop, series, path in images:
-        tensor = torch.from_numpy(_prepare(path, manifest)[None])
+        tensor = torch.from_numpy(_prepare(str(stored_file(settings, path)), manifest)[None])
         with torch.no_grad():
             out = model(tensor)
         out = out[0] if isinstance(out, tuple) else out

@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session
 from db.models import Event, Model, ModelStage
 from lightbox.errors import ManifestError, ModelNotFoundError, PromotionRefused
 from lightbox.manifest import load_manifest
+from lightbox.roots import to_models
+from lightbox.settings import get_settings
 
 
 def register_bundle(session: Session, bundle_dir: Path, promote: bool = False) -> Model:
@@ -43,10 +45,10 @@ def register_bundle(session: Session, bundle_dir: Path, promote: bool = False) -
                added=sorted(set(data["files"]) - set(old_files)))
     if row is None:
         row = Model(name=manifest.name, version=manifest.version, stage=ModelStage.staging,
-                    bundle_path=str(bundle_dir), manifest=data)
+                    bundle_path=to_models(get_settings(), bundle_dir), manifest=data)
         session.add(row)
         session.flush()
-        _event(session, "model_registered", row, bundle_path=str(bundle_dir))
+        _event(session, "model_registered", row, bundle_path=row.bundle_path)
     if promote:
         _make_production(session, row)
     return row
@@ -154,7 +156,8 @@ def get_model(session: Session, name: str, version: str) -> Model:
 def find_by_bundle(session: Session, bundle_dir: Path) -> Model | None:
     """The registered version whose bundle is ``bundle_dir``, if any."""
     return session.scalars(
-        select(Model).where(Model.bundle_path == str(Path(bundle_dir).resolve()))
+        select(Model).where(Model.bundle_path.in_(
+            {to_models(get_settings(), bundle_dir), str(Path(bundle_dir).resolve())}))
     ).first()
 
 

@@ -11,11 +11,13 @@ import click
 from rich.table import Table
 
 from lightbox.commands.common import console, db_session, ensure_db, setup_logging, stop_on_signals
+from lightbox.commands.probes import start_probes, worker_checks
 from lightbox.output import print_rows, to_json
 from lightbox.settings import Settings, get_settings
 
 
 @click.group()
+@click.version_option(package_name="lightbox", prog_name="lightbox")
 def main() -> None:
     """Lightbox: batch AI inference for hospital imaging queues."""
 
@@ -27,10 +29,12 @@ def db() -> None:
 
 @db.command("upgrade")
 def db_upgrade() -> None:
-    """Create or migrate the schema to the newest revision."""
+    """Create or migrate the schema to the newest revision (PostgreSQL: under an advisory
+    lock, so several nodes may run it at once). In cluster mode the one step that migrates."""
+    from db.migrate import current_revision, upgrade
+
     settings = get_settings()
-    ensure_db(settings)
-    from db.migrate import current_revision
+    upgrade(settings.sqlalchemy_url)
 
     console.print(f"database at revision {current_revision(settings.sqlalchemy_url)}")
 
@@ -77,6 +81,7 @@ def scheduler() -> None:
     settings = get_settings()
     setup_logging(settings)
     ensure_db(settings)
+    start_probes(settings, system=True)
     run_scheduler(settings, make_celery(settings), stop_on_signals())
 
 
@@ -88,6 +93,7 @@ def worker() -> None:
     settings = get_settings()
     setup_logging(settings)
     ensure_db(settings)
+    start_probes(settings, worker_checks())
     run_worker(settings, loglevel=settings.log_level.upper())
 
 

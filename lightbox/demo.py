@@ -85,6 +85,9 @@ def _child_env(settings: Settings) -> dict[str, str]:
     for key, value in DEMO_ENV.items():
         env.setdefault(key, value)
     env["LIGHTBOX_DATA_DIR"] = str(settings.data_path)
+    # Worker, scheduler and watcher on one machine cannot share one probe port (an image sets
+    # LIGHTBOX_METRICS_PORT for its one process): the demo's processes serve none.
+    env["LIGHTBOX_METRICS_PORT"] = "0"
     return env
 
 

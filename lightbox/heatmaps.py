@@ -42,5 +42,8 @@ def save_heatmap(settings: Settings, job_id: int, sop_instance_uid: str, cam: np
 def load_heatmap(settings: Settings, job_id: int, sop_instance_uid: str) -> np.ndarray | None:
     path = heatmap_path(settings, job_id, sop_instance_uid)
     if not path.is_file():
+        # Written before heatmaps moved onto the shared storage (one-machine installs).
+        path = settings.data_path / "heatmaps" / str(job_id) / f"{sop_instance_uid}.npy"
+    if not path.is_file():
         return None
     return np.load(path).astype(np.float32)

@@ -11,14 +11,37 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# "Not set" for the roots that default under the data dir (no environment value holds a NUL).
+_UNSET = Path("\0unset")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIGHTBOX_", extra="ignore")
 
     data_dir: Path = Field(default=Path("lightbox-data"), description="All state lives here.")
+    # Paths in the database are relative to these two roots, which every node sets for itself:
+    # a shared volume may be mounted at a different path on each node.
+    storage_dir: Path = Field(
+        default=_UNSET,  # <data dir>/storage, filled in by _roots
+        description="Shared storage root: instances, spool, heatmaps, outputs; default "
+        "<data dir>/storage. In a cluster: a ReadWriteMany volume mounted on every node.")
+    models_dir: Path = Field(
+        default=_UNSET,  # <data dir>/models, filled in by _roots
+        description="Model bundles root; default <data dir>/models.")
+    cluster: bool = Field(
+        default=False, description="Cluster mode: commands check the schema revision at start "
+        "instead of migrating (run `lightbox db upgrade` as a step of its own).")
+    metrics_port: int = Field(
+        default=0, description="Port of this process's /metrics, /healthz and /readyz "
+        "(0 = off; `lightbox api` serves them beside the API).")
+    metrics_bind_address: str = Field(
+        default="0.0.0.0", description="Address the metrics and probe server listens on.")
+    shutdown_grace_seconds: float = Field(
+        default=120.0, description="On SIGTERM, in-flight work gets this long to finish "
+        "(the pod's terminationGracePeriodSeconds); what is left is requeued.")
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default is a SQLite file in the data dir."
     )
@@ -150,25 +173,29 @@ class Settings(BaseSettings):
         description="Stored pixels older than this are deleted (findings kept); unset keeps all.",
     )
 
+    @model_validator(mode="after")
+    def _roots(self) -> Settings:
+        """Absolute roots, defaulting under the data dir (the embedded mode's layout)."""
+        if self.storage_dir == _UNSET:
+            self.storage_dir = self.data_path / "storage"
+        if self.models_dir == _UNSET:
+            self.models_dir = self.data_path / "models"
+        self.storage_dir = self.storage_dir.expanduser().resolve()
+        self.models_dir = self.models_dir.expanduser().resolve()
+        return self
+
     @property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()
-
-    @property
-    def storage_dir(self) -> Path:
-        return self.data_path / "storage"
 
     @property
     def quarantine_dir(self) -> Path:
         return self.data_path / "quarantine"
 
     @property
-    def models_dir(self) -> Path:
-        return self.data_path / "models"
-
-    @property
     def heatmaps_dir(self) -> Path:
-        return self.data_path / "heatmaps"
+        # On the shared storage: the worker writes them, export (on any node) reads them.
+        return self.storage_dir / ".heatmaps"
 
     @property
     def redis_dir(self) -> Path:

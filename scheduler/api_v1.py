@@ -28,6 +28,7 @@ from db.queries import status as query_status
 from db.session import session_scope
 from lightbox.errors import LightboxError, ModelNotFoundError
 from lightbox.heatmaps import heatmap_path, load_heatmap
+from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from scheduler.api_auth import SESSION_COOKIE, Authenticator, Principal
 
@@ -161,7 +162,7 @@ def render_heatmap(settings: Settings, session: Session, job_id: int, sop: str,
     if stored is None:
         raise HTTPException(404, f"the image of instance {sop} is no longer stored")
     try:
-        source = read_dataset(stored)
+        source = read_dataset(stored_file(settings, stored))
         display = to_display(decode_frame(source), source, PreprocessSpec())
     except (OSError, ValueError, LightboxError) as exc:
         raise HTTPException(404, f"the image of instance {sop} cannot be read: {exc}") from exc

@@ -27,6 +27,7 @@ from db import study_queries as q
 from db.models import Job, JobState
 from db.session import session_scope
 from lightbox.errors import ModelNotFoundError
+from lightbox.roots import bundle_dir
 from lightbox.settings import Settings
 from scheduler.api_auth import SESSION_COOKIE, SESSION_SECONDS, Authenticator, Principal
 from scheduler.api_v1 import audit, queue_depth, study_payload
@@ -256,7 +257,7 @@ def make_dashboard(settings: Settings, auth: Authenticator) -> APIRouter:
             except ModelNotFoundError as exc:
                 raise HTTPException(404, str(exc)) from exc
             plots = (row.manifest or {}).get("plots", [])
-            bundle = Path(row.bundle_path)
+            bundle = bundle_dir(settings, row.bundle_path)
         if plot not in plots or not (bundle / plot).is_file():
             raise HTTPException(404, f"no plot {plot} in model {name} {version}")
         return FileResponse(bundle / plot, media_type="image/png")

@@ -41,8 +41,10 @@ from db.models import (
     Study,
 )
 from db.session import session_scope
+from lightbox import metrics
 from lightbox.errors import LightboxError
 from lightbox.heatmaps import load_heatmap
+from lightbox.roots import stored_file, to_storage
 from lightbox.settings import Settings
 from scheduler.destinations import Destination, SendResult, load_destinations
 from scheduler.outputs.common import FindingItem, ModelInfo
@@ -68,7 +70,7 @@ class BuiltObject:
 
 
 def outputs_dir(settings: Settings, job_id: int) -> Path:
-    return settings.data_path / "outputs" / str(job_id)
+    return settings.storage_dir / ".outputs" / str(job_id)
 
 
 def _now() -> datetime:
@@ -132,7 +134,8 @@ def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltO
                       synthetic=any(f.synthetic for f in findings) or
                       job.model.manifest.get("training_data", {}).get("kind") == "synthetic")
     labels = [str(x) for x in job.model.manifest.get("labels", [])]
-    headers = [pydicom.dcmread(i.stored_path, stop_before_pixels=True) for i in instances]
+    headers = [pydicom.dcmread(stored_file(settings, i.stored_path or ""),
+                               stop_before_pixels=True) for i in instances]
     items = [FindingItem(f.label, f.score, f.threshold, f.positive, f.sop_instance_uid,
                          f.distribution, f.indeterminate) for f in findings]
     folder = outputs_dir(settings, job.id)
@@ -143,13 +146,17 @@ def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltO
     for number, instance in enumerate(instances, start=1):
         cam = load_heatmap(settings, job.id, instance.sop_instance_uid)
         if cam is None:
+            if job.model.manifest.get("cam_output"):
+                log.warning("job %d: no heatmap for %s under %s (is LIGHTBOX_STORAGE_DIR the "
+                            "volume the workers write to?)", job.id, instance.sop_instance_uid,
+                            settings.heatmaps_dir)
             continue
         scores = {f.label: f.score for f in findings
                   if f.sop_instance_uid == instance.sop_instance_uid}
         index = _map_index(labels, scores, cam)
         label = labels[index] if index < len(labels) else f"class {index}"
         try:
-            source = pydicom.dcmread(instance.stored_path)
+            source = pydicom.dcmread(stored_file(settings, instance.stored_path or ""))
             sc_uid = generate_uid()
             sc = build_heatmap_sc(source, cam[index], label, model,
                                   series_instance_uid=series_uid, instance_number=number,
@@ -221,7 +228,7 @@ def _build_job(settings: Settings, session: Session, job: Job | None,
             session.add(Export(job_id=job.id, destination=name, kind=obj.kind,
                                sop_instance_uid=obj.sop_instance_uid,
                                source_sop_instance_uid=obj.source_sop_instance_uid,
-                               path=str(obj.path)))
+                               path=to_storage(settings, obj.path)))
     study = session.get(Study, job.study_id)
     log.info("job %d: %d object(s) for %s (study %s)", job.id, len(built), names,
              study.study_instance_uid if study else "?")
@@ -239,6 +246,12 @@ def _due(session: Session, now: datetime) -> list[Export]:
 
 
 def _apply(settings: Settings, row: Export, result: SendResult, now: datetime) -> str:
+    outcome = _judge(settings, row, result, now)
+    metrics.EXPORTS.labels(outcome).inc()
+    return outcome
+
+
+def _judge(settings: Settings, row: Export, result: SendResult, now: datetime) -> str:
     row.attempts += 1
     if result.ok:
         row.state, row.sent_at, row.error_code, row.error_detail = (
@@ -269,7 +282,7 @@ def send_pass(settings: Settings) -> dict[str, int]:
                 results = [SendResult(False, False, "unknown_destination",
                                       f"destination {name!r} is not configured")] * len(rows)
             else:
-                results = destination.send([Path(r.path or "") for r in rows],
+                results = destination.send([stored_file(settings, r.path or "") for r in rows],
                                            settings.export_timeout)
             now = _now()
             for row, result in zip(rows, results, strict=True):

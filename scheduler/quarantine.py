@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from db.models import Event, QuarantinedFile
+from lightbox import metrics
 from lightbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,4 +73,5 @@ def quarantine_file(
                       detail={"code": code, "reason": reason, "path": str(target)}))
     # File names can carry patient names (exports named "DOE_JOHN.dcm"): log the quarantine id.
     log.warning("quarantined file %s: %s (%s)", target.name.split("-", 1)[0], reason, code)
+    metrics.QUARANTINED.labels(code).inc()
     return row

@@ -30,6 +30,7 @@ from db.models import Event, Instance, Series, Study, StudyStatus
 from db.session import session_scope
 from db.upsert import get_or_create
 from lightbox.errors import IngestError, LightboxError
+from lightbox.roots import to_storage
 from lightbox.settings import Settings
 from scheduler.header import Header, read_header
 from scheduler.quarantine import quarantine_file
@@ -151,6 +152,11 @@ def _record_batch(session: Session, items: list[tuple[Received, Path]]) -> list[
     return outcomes
 
 
+def _in_storage(settings: Settings, stored: Path) -> Path:
+    """The path rows keep: relative to the storage root, which each node mounts where it likes."""
+    return Path(to_storage(settings, stored))
+
+
 def _stored_path(settings: Settings, header: Header) -> Path:
     return instance_path(settings.storage_dir, header.study_instance_uid,
                          header.series_instance_uid, header.sop_instance_uid)
@@ -172,7 +178,8 @@ def register_file(settings: Settings, path: Path, *, source: str = "folder", mov
     if not (stored.exists() and file_sha256(stored)[0] == sha):
         store_bytes_atomically(path, stored)
     with session_scope(url) as session:
-        outcome, = _record_batch(session, [(Received(path, header, sha, size, source), stored)])
+        outcome, = _record_batch(session, [(Received(path, header, sha, size, source),
+                                             _in_storage(settings, stored))])
     if move:
         os.unlink(path)
     log.info("%s %s (study %s)", outcome.value, header.sop_instance_uid,
@@ -211,7 +218,8 @@ def register_received(settings: Settings, items: list[Received]) -> list[Registe
     for folder in sorted(changed, key=lambda p: len(p.parts), reverse=True):
         fsync_directory(folder)
     with session_scope(settings.sqlalchemy_url) as session:
-        outcomes = _record_batch(session, placed)
+        outcomes = _record_batch(session, [(item, _in_storage(settings, stored))
+                                           for item, stored in placed])
     for item in items:
         item.path.unlink(missing_ok=True)
     results = []

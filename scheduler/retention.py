@@ -17,6 +17,7 @@ from sqlalchemy import exists, select
 
 from db.models import Event, Instance, Job, JobState, Series, Study, StudyStatus
 from db.session import session_scope
+from lightbox.roots import stored_file
 from lightbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def delete_expired_pixels(settings: Settings, now: datetime | None = None) -> in
             instances = list(session.scalars(query))
             if not instances:
                 return total
-            paths = [i.stored_path for i in instances if i.stored_path]
+            paths = [stored_file(settings, i.stored_path) for i in instances if i.stored_path]
             for instance in instances:
                 instance.stored_path = None
             session.add(Event(kind="pixels_deleted", detail={

@@ -36,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 
 from db.models import Event
 from db.session import session_scope
+from lightbox import metrics
 from lightbox.errors import ConfigurationError, IngestError
 from lightbox.settings import Settings
 from scheduler.header import is_plain_uid
@@ -201,10 +202,12 @@ def handle_store(event: evt.Event, settings: Settings, spool: Spool,
     if getattr(event.request, "Priority", 0) == PRIORITY_HIGH:
         _record_high_priority(settings, calling, item.header.study_instance_uid,
                               item.header.sop_instance_uid)
+    metrics.CSTORE.labels("success").inc()
     return SUCCESS
 
 
 def _count(counts: dict[str, int], lock: threading.Lock, key: str, status: int) -> int:
+    metrics.CSTORE.labels(key).inc()
     with lock:
         counts[key] = counts.get(key, 0) + 1
     return status
@@ -289,9 +292,12 @@ def run_scp(settings: Settings, stop: threading.Event) -> dict[str, int]:
     """Serve until ``stop`` is set; return counts by outcome."""
     counts: dict[str, int] = {}
     scp = start_scp(settings, counts=counts)
+    listening = metrics.ready_flag("listening")
+    listening.set()
     try:
         while not stop.wait(0.5):
             pass
     finally:
+        listening.clear()
         scp.shutdown()
     return counts

@@ -19,6 +19,7 @@ from typing import Any
 
 import pydicom
 
+from lightbox import metrics
 from lightbox.settings import Settings
 from scheduler.register import Outcome, StorageFullError, register_bytes
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 CANNOT_UNDERSTAND = 0xC210
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_NOT_SUPPORTED = 0xC122
+STOW_OUTCOMES = {None: "stored", SOP_CLASS_NOT_SUPPORTED: "unsupported",
+                 OUT_OF_RESOURCES: "refused", CANNOT_UNDERSTAND: "quarantined"}
 
 
 class StowRequestError(ValueError):
@@ -67,6 +70,12 @@ def _uids(data: bytes) -> tuple[str, str]:
 
 
 def store_part(settings: Settings, content_type: str, data: bytes) -> PartResult:
+    result = _store_part(settings, content_type, data)
+    metrics.STOW.labels(STOW_OUTCOMES.get(result.failure, "failed")).inc()
+    return result
+
+
+def _store_part(settings: Settings, content_type: str, data: bytes) -> PartResult:
     sop_class, sop_uid = _uids(data)
     if content_type != "application/dicom":
         return PartResult(sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED)

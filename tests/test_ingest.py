@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from db.migrate import upgrade
 from db.models import Event, Instance, QuarantinedFile, Series, Study, StudyStatus
 from db.session import session_scope
+from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
 from scheduler.ingest_folder import ingest_paths, watch
@@ -105,7 +106,7 @@ def test_same_file_twice_gives_one_row_and_byte_identical_storage(
         assert len(rows) == 1
         assert count(settings, Study) == count(settings, Series) == 1
         row = rows[0]
-        assert Path(row.stored_path) == expected
+        assert stored_file(settings, row.stored_path or "") == expected
         assert row.sha256 == sha256(source)
         assert row.size_bytes == source.stat().st_size
         assert row.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
@@ -131,7 +132,7 @@ def test_same_uid_with_new_bytes_replaces_the_instance(settings: Settings, tmp_p
     with session_scope(settings.sqlalchemy_url) as session:
         (row,) = session.scalars(select(Instance))
         assert row.sha256 == sha256(corrected)
-        assert Path(row.stored_path).read_bytes() == corrected.read_bytes()
+        assert stored_file(settings, row.stored_path or "").read_bytes() == corrected.read_bytes()
 
 
 def test_one_batch_registers_new_duplicate_and_corrected_instances(settings: Settings,
@@ -165,7 +166,7 @@ def test_one_batch_registers_new_duplicate_and_corrected_instances(settings: Set
         assert {uid: r.sha256 for uid, r in rows.items()} == expected_sha
         assert rows[second.SOPInstanceUID].source == "scp:MOD"
         for uid, row in rows.items():
-            assert sha256(Path(row.stored_path)) == expected_sha[uid]
+            assert sha256(stored_file(settings, row.stored_path or "")) == expected_sha[uid]
             assert row.series.series_instance_uid == (
                 {first.SOPInstanceUID: first, second.SOPInstanceUID: second,
                  known.SOPInstanceUID: known}[uid].SeriesInstanceUID)
@@ -185,7 +186,7 @@ def test_move_removes_source_after_registration(settings: Settings, tmp_path: Pa
     assert not source.exists()
     with session_scope(settings.sqlalchemy_url) as session:
         (row,) = session.scalars(select(Instance))
-        assert Path(row.stored_path).read_bytes() == data
+        assert stored_file(settings, row.stored_path or "").read_bytes() == data
 
 
 def test_without_move_source_is_kept(settings: Settings, tmp_path: Path) -> None:

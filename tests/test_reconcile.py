@@ -21,6 +21,7 @@ from db.queries import findings
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.redis_server import redis_client
+from lightbox.roots import stored_file
 from lightbox.synthetic import write_study
 from lightbox.tasks import QUEUE, job_id_of_task, job_task_id
 from scheduler.dispatch import PassReport, dispatch_ready, send_pending
@@ -261,8 +262,8 @@ def test_retention_deletes_old_pixels_and_keeps_findings(
         events = session.scalars(select(Event).where(Event.kind == "pixels_deleted")).all()
     by_study = {uid: (iid, path) for iid, path, uid in rows}
     deleted_id, deleted_path = by_study[uids[0]]
-    assert deleted_path is None and not Path(paths[deleted_id]).exists()
-    assert by_study[uids[1]][1] is not None and Path(by_study[uids[1]][1]).exists()
+    assert deleted_path is None and not stored_file(settings, paths[deleted_id]).exists()
+    assert by_study[uids[1]][1] is not None and stored_file(settings, by_study[uids[1]][1]).exists()
     assert len(kept) == 1 and len(events) == 1 and events[0].detail["instances"] == 1
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 
 from db.models import Event, Finding, Instance, Job, JobState, QuarantinedFile, Study
 from db.session import session_scope
+from lightbox.roots import stored_file
 from lightbox.synthetic import real_chest_crs, write_study
 from tests.conftest import Backend, stop_processes, wait_for
 from tests.pacs_peers import lightbox_scp, require, run_dcmtk
@@ -76,7 +77,8 @@ def test_storescu_and_dcmsend_to_findings(backend: Backend, registered_model: tu
             for path in real_paths:
                 uid = str(pydicom.dcmread(path).SOPInstanceUID)
                 # Stored as received: identical pixel bytes, JPEG 2000 kept compressed.
-                stored_syntax, stored_pixels = _pixels(Path(rows[uid].stored_path))
+                stored_syntax, stored_pixels = _pixels(stored_file(backend.settings,
+                                                                   rows[uid].stored_path))
                 source_syntax, source_pixels = _pixels(path)
                 assert stored_pixels == source_pixels
                 assert stored_syntax == rows[uid].transfer_syntax_uid
@@ -133,7 +135,8 @@ def test_compressed_syntaxes_stored_as_received(sqlite_backend: Backend, tmp_pat
     # dcmtk re-serialises the data set it sends (lengths, padding), so the sent file is not
     # byte-equal to what arrives; the compressed pixel data is, and stays compressed.
     differing = [path.name for uid, (path, _) in sent.items()
-                 if _pixels(Path(rows[uid].stored_path)) != _pixels(path)]
+                 if _pixels(stored_file(sqlite_backend.settings, rows[uid].stored_path))
+                 != _pixels(path)]
     assert differing == []
 
 

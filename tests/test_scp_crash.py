@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from db.models import Instance, QuarantinedFile
 from db.session import make_engine, session_scope
+from lightbox.roots import stored_file
 from tests.conftest import Backend, stop_processes, wait_for
 from tests.pacs_peers import ct_instances, echo_ok, free_port, with_env
 
@@ -112,7 +113,7 @@ def _check_registered(backend: Backend, datasets: list[pydicom.Dataset],
     for uid in uids:
         row = rows[uid]
         assert row.source == "scp:MODALITY"
-        stored = Path(row.stored_path)
+        stored = stored_file(backend.settings, row.stored_path)
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == row.sha256
         # Byte for byte: the stored data set is the sender's encoding in the negotiated syntax.
         syntax = pydicom.uid.UID(row.transfer_syntax_uid)

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from db.models import Instance
 from db.session import session_scope
+from lightbox.roots import stored_file
 from lightbox.synthetic import write_study
 from tests.conftest import Backend, wait_for
 from tests.pacs_peers import lightbox_scp, require, run_dcmtk
@@ -104,7 +105,8 @@ def test_full_disk_nothing_half_registered(sqlite_backend: Backend, tmp_path: Pa
         assert 0x0000 in statuses.values()
         for uid, status in statuses.items():
             if status == 0x0000:
-                assert uid in rows and uid in stored and Path(rows[uid] or "").is_file()
+                assert uid in rows and uid in stored and stored_file(
+                    sqlite_backend.settings, rows[uid] or "").is_file()
             else:
                 assert status == OUT_OF_RESOURCES
                 assert uid not in rows and uid not in stored

@@ -16,6 +16,7 @@ from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.redis_server import redis_client
+from lightbox.roots import stored_file
 from lightbox.synthetic import real_chest_crs, write_study
 from lightbox.tasks import QUEUE
 from scheduler.dispatch import PassReport, dispatch_ready, send_pending
@@ -139,7 +140,7 @@ def test_undecodable_pixels_fail_only_their_job(env: Backend, tmp_path: Path) ->
 
         j2k = session.scalars(select(Instance).where(
             Instance.transfer_syntax_uid == "1.2.840.10008.1.2.4.90")).one()
-        stored = Path(j2k.stored_path or "")
+        stored = stored_file(env.settings, j2k.stored_path or "")
     data = bytearray(stored.read_bytes())
     start = len(data) - 200_000
     data[start:] = bytes(len(data) - start)  # zero the end of the codestream

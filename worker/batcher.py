@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightbox import metrics
 from worker.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,10 @@ class Batcher:
                          tuple(sorted({p.job_id for p in batch})))
         try:
             stacked = np.stack([p.tensor for p in batch])  # small tensors: one cheap copy
+            started = time.perf_counter()
             outputs = self.runtime.infer(stacked)
+            metrics.STAGE_SECONDS.labels("inference").observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.observe(len(batch))
             rows = {name: np.asarray(value) for name, value in outputs.items()}
             for name, value in rows.items():
                 if value.shape[0] != len(batch):

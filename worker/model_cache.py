@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightbox.manifest import Manifest, load_manifest
+from lightbox.roots import bundle_dir
 from lightbox.settings import Settings
 from worker.runtime import ModelRuntime, load_runtime
 
@@ -37,7 +38,7 @@ class ModelCache:
         with self._lock:
             loaded = self._models.get(model_id)
             if loaded is None:
-                bundle = Path(bundle_path)
+                bundle = bundle_dir(self.settings, bundle_path)
                 manifest = load_manifest(bundle, verify=True)
                 runtime = self._loader(self.runtime_kind, bundle, self.settings)
                 loaded = self._models[model_id] = LoadedModel(model_id, manifest, runtime)

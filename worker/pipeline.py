@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +24,7 @@ from sqlalchemy import select
 
 from db.models import Model, ModelStage
 from db.session import session_scope
+from lightbox import metrics
 from lightbox.errors import PixelDecodeError
 from lightbox.settings import Settings
 from worker.batcher import Batcher, BatchInfo, ImageResult
@@ -136,6 +138,7 @@ class WorkerPipeline:
         for image in images:
             out: Future[ImageResult] = Future()
             decode = self.decoder.submit(image.path, model.manifest)
+            decode.add_done_callback(partial(_observe_decode, time.perf_counter()))
             decode.add_done_callback(partial(self._to_batcher, batcher, job_id, out))
             futures.append(out)
             decodes.append(decode)
@@ -203,6 +206,11 @@ class WorkerPipeline:
             batcher.close()
         self.writer.close()
         self.decoder.close()
+
+
+def _observe_decode(submitted: float, _future: Future[np.ndarray]) -> None:
+    # Submitted to done: the decode process's work plus its queue, what a job waits for.
+    metrics.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - submitted)
 
 
 class InlineRunner:

@@ -13,16 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select
 
 from db import jobs as job_states
-from db.models import Instance, Job, Model, ModelStage, Series
+from db.models import Instance, Job, Model, ModelStage, Series, Study
 from db.session import session_scope
+from lightbox import metrics
 from lightbox.errors import LightboxError, PixelDecodeError
 from lightbox.heatmaps import save_heatmap
 from lightbox.manifest import Manifest
+from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from worker.batcher import ImageResult
 from worker.findings import finding_rows
@@ -40,7 +43,8 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _study_images(session, job: Job) -> list[ImageRef]:  # type: ignore[no-untyped-def]
+def _study_images(settings: Settings, session,  # type: ignore[no-untyped-def]
+                  job: Job) -> list[ImageRef]:
     rows = session.execute(
         select(Instance.sop_instance_uid, Series.series_instance_uid, Instance.stored_path)
         .join(Series, Instance.series_id == Series.id)
@@ -48,7 +52,8 @@ def _study_images(session, job: Job) -> list[ImageRef]:  # type: ignore[no-untyp
                Instance.rows.is_not(None), Instance.stored_path.is_not(None))
         .order_by(Series.series_instance_uid, Instance.sop_instance_uid)
     )
-    return [ImageRef(*row) for row in rows]
+    return [ImageRef(sop, series, str(stored_file(settings, stored)))
+            for sop, series, stored in rows]
 
 
 def _load_shadows(runner: JobRunner, job_id: int,
@@ -111,6 +116,16 @@ def _batches(results: list[ImageResult]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def _observe_success(model: str, images: int, received_at: datetime | None) -> None:
+    metrics.JOBS_FINISHED.labels("succeeded").inc()
+    metrics.IMAGES_PROCESSED.labels(model).inc(images)
+    if received_at is not None:
+        if received_at.tzinfo is None:  # SQLite gives naive UTC
+            received_at = received_at.replace(tzinfo=timezone.utc)
+        metrics.RECEIVED_TO_FINDING.observe(
+            max(0.0, (datetime.now(timezone.utc) - received_at).total_seconds()))
+
+
 def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> str:
     """Run one job to a recorded outcome. Returns the job's state.
 
@@ -131,8 +146,10 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
             return current.state.value if current else "missing"
         model_row = session.get(Model, job.model_id)
         assert model_row is not None
-        images = _study_images(session, job)
-        bundle_path = model_row.bundle_path
+        images = _study_images(settings, session, job)
+        bundle_path, model_name = model_row.bundle_path, model_row.name
+        received_at = session.scalar(select(Study.last_received_at)
+                                     .where(Study.id == job.study_id))
         shadows = [(r.id, r.bundle_path) for r in session.scalars(
             select(Model).where(Model.name == model_row.name, Model.shadow.is_(True),
                                 Model.stage == ModelStage.staging, Model.id != model_row.id))]
@@ -153,6 +170,7 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
                                  [r.outputs for r in outputs], shadow=True)
         heatmaps = _save_heatmaps(settings, job_id, model.manifest, images, results)
         runner.commit(JobResult(job_id, rows, _batches(results)))
+        _observe_success(model_name, len(images), received_at)
         log.info("job %s succeeded: %d image(s), %d finding(s), %d heatmap(s)", job_id,
                  len(images), len(rows), heatmaps)
         return "succeeded"
@@ -165,6 +183,7 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
             job_states.fail(session, job, code=code, detail=f"{type(exc).__name__}: {exc}",
                             retryable=not isinstance(exc, NON_RETRYABLE),
                             max_attempts=settings.job_max_attempts)
+            metrics.JOBS_FINISHED.labels(job.state.value).inc()
             return job.state.value
     finally:
         runner.heartbeats.discard(job_id)

@@ -23,12 +23,13 @@ import threading
 from datetime import datetime, timezone
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db.models import WorkerNode
 from db.session import session_scope
 from db.upsert import insert_ignore
+from lightbox import metrics
 from lightbox.celery_app import make_celery
 from lightbox.settings import Settings, get_settings
 from lightbox.tasks import PROCESS_JOB, QUEUE
@@ -91,6 +92,8 @@ def run_worker(settings: Settings | None = None, loglevel: str = "INFO",
     def _ready(**_: object) -> None:
         pipeline.warm_up()
         _touch_worker(settings, pipeline.cache.runtime_report())
+        metrics.WORKER_RUNTIME.labels(pipeline.cache.runtime_report()).set(1)
+        metrics.ready_flag("models").set()
         threading.Thread(target=presence, name="presence", daemon=True).start()
         runners = {batcher.runners for batcher in pipeline.batchers().values()}
         log.info("worker ready: runtime %s, %d job(s) in flight, batches of up to %d "
@@ -99,8 +102,30 @@ def run_worker(settings: Settings | None = None, loglevel: str = "INFO",
                  settings.batch_max_wait_ms, "/".join(map(str, sorted(runners))) or "no",
                  pipeline.decoder.workers)
 
+    @worker_shutting_down.connect(weak=False)
+    def _stopping(**_: object) -> None:
+        # SIGTERM: Celery stops taking messages and waits for the jobs in flight (they finish
+        # and commit; prefetched, unstarted messages go back to Redis). The grace period is the
+        # pod's terminationGracePeriodSeconds: past it, exit anyway; a job still running then
+        # is requeued by the scheduler once its heartbeat is stale, and, being claimed only
+        # from `queued`, never runs twice at once.
+        metrics.ready_flag("models").clear()
+        log.info("stopping: finishing jobs in flight (grace %.0f s)",
+                 settings.shutdown_grace_seconds)
+
+        def overdue() -> None:
+            log.warning("grace period over with jobs in flight; exiting, the scheduler "
+                        "requeues them from their heartbeats")
+            logging.shutdown()
+            os._exit(0)
+
+        timer = threading.Timer(settings.shutdown_grace_seconds, overdue)
+        timer.daemon = True
+        timer.start()
+
     @worker_shutdown.connect(weak=False)
     def _down(**_: object) -> None:
+        metrics.ready_flag("models").clear()
         stop.set()
         pipeline.close()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from db import jobs as job_states
 from db.models import Event, Finding, Job, Model
 from db.session import session_scope
+from lightbox import metrics
 from lightbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,7 @@ class ResultWriter:
                 return
 
     def _write(self, group: list[_Queued]) -> None:
+        started = time.perf_counter()
         try:
             write_group(self.settings, [q.result for q in group])
         except Exception as exc:  # noqa: BLE001 - decided per job below
@@ -135,6 +138,7 @@ class ResultWriter:
             for queued in group:
                 self._write([queued])
             return
+        metrics.STAGE_SECONDS.labels("commit").observe(time.perf_counter() - started)
         self.commits += 1
         self.jobs_written += len(group)
         for queued in group:

@@ -39,8 +39,16 @@ def stop_on_signals() -> threading.Event:
 
 
 def ensure_db(settings: Settings) -> None:
-    from db.migrate import upgrade
+    from db.migrate import check_revision, upgrade
 
+    if settings.cluster:  # migrations are a step of their own (`lightbox db upgrade`)
+        from lightbox.errors import ConfigurationError
+
+        try:
+            check_revision(settings.sqlalchemy_url)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
     upgrade(settings.sqlalchemy_url)
 
 

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from lightbox.commands.common import ensure_db, setup_logging, stop_on_signals
+from lightbox.commands.probes import add_probe_routes, scp_checks, start_probes
 from lightbox.output import to_json
 from lightbox.settings import get_settings
 
@@ -25,6 +26,7 @@ def scp() -> None:
     settings = get_settings()
     setup_logging(settings)
     ensure_db(settings)
+    start_probes(settings, scp_checks())
     counts = run_scp(settings, stop_on_signals())
     logging.getLogger("lightbox.scp").info("scp stopped: %s", counts)
 
@@ -46,8 +48,14 @@ def api() -> None:
         app = make_app(settings)
     except ConfigurationError as exc:
         raise click.ClickException(f"{exc}: the API never runs unauthenticated") from exc
+    add_probe_routes(app, settings)
+    # SIGTERM: uvicorn stops accepting and finishes requests in flight (a STOW in progress),
+    # then re-raises the signal to the handlers it found: ours only note it, so the process
+    # exits 0 like the other commands instead of dying of the signal.
+    stop_on_signals()
     uvicorn.run(app, host=settings.api_host, port=settings.api_port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds))
 
 
 def _dicom_date(value: str) -> str:
@@ -108,4 +116,5 @@ def export(once: bool) -> None:
     if once:
         print(to_json(export_pass(settings)))
         return
-    run_export(settings, stop_on_signals())
+    start_probes(settings)
+    run_export(settings, stop_on_signals())  # SIGTERM: the pass under way ends, then exit

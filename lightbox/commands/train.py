@@ -316,6 +316,7 @@ def models_promote(name: str, version: str, eval_data: Path | None, labels_csv: 
     --force --reason. The promotion is an audit event (who, when, why, the metrics)."""
     from db.registry import get_model, production_model, promote
     from lightbox.errors import LightboxError
+    from lightbox.roots import bundle_dir
 
     settings = get_settings()
     with db_session() as session:
@@ -331,7 +332,8 @@ def models_promote(name: str, version: str, eval_data: Path | None, labels_csv: 
             raise click.ClickException(f"{TRAIN_EXTRA} (to compare with production): "
                                        f"{exc}") from exc
         try:
-            comparison = compare(settings, Path(paths[0]), Path(paths[1]), data=eval_data,
+            comparison = compare(settings, bundle_dir(settings, paths[0]),
+                                 bundle_dir(settings, paths[1]), data=eval_data,
                                  labels_csv=labels_csv)
         except (LightboxError, ValueError, OSError) as exc:
             if not force:
