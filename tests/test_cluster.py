@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import func, select
 
 from db.migrate import MIGRATION_LOCK_KEY, current_revision, expected_revisions, upgrade
-from db.models import Export, Finding, Instance, Job, JobState, Model, Series, Study
+from db.models import Export, Finding, Instance, Job, JobState, Model
 from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
@@ -118,22 +119,28 @@ def test_migration_makes_old_absolute_paths_relative(tmp_path: Path,
     upgrade(url, "0002_pacs")
     stored = settings.storage_dir / "1.2" / "1.3" / "1.4.dcm"
     bundle = settings.models_dir / "chest" / "1"
-    with session_scope(url) as session:
-        study = Study(study_instance_uid="1.2")
-        session.add(study)
-        session.flush()
-        series = Series(study_id=study.id, series_instance_uid="1.3", tags={})
-        session.add(series)
-        session.flush()
-        session.add_all([
-            Instance(series_id=series.id, sop_instance_uid="1.4", sop_class_uid="1.1",
-                     transfer_syntax_uid="1.2.840.10008.1.2.1", stored_path=str(stored),
-                     size_bytes=1, sha256="0" * 64, study_revision=1, source="folder"),
-            Instance(series_id=series.id, sop_instance_uid="1.5", sop_class_uid="1.1",
-                     transfer_syntax_uid="1.2.840.10008.1.2.1", stored_path="/mnt/other/1.5.dcm",
-                     size_bytes=1, sha256="0" * 64, study_revision=1, source="folder"),
-            Model(name="chest", version="1", bundle_path=str(bundle), manifest={}),
-        ])
+    # Rows as the old release wrote them: through the tables as they are at that revision (the
+    # ORM models describe today's schema, with columns later migrations add).
+    engine = sa.create_engine(url)
+    tables = sa.MetaData()
+    tables.reflect(bind=engine)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        def insert(table: str, **values: object) -> int:
+            result = conn.execute(tables.tables[table].insert().values(**values))
+            return int(result.inserted_primary_key[0])
+
+        study = insert("studies", study_instance_uid="1.2", status="receiving", revision=1,
+                       dispatched_revision=0, priority="routine", first_received_at=now,
+                       last_received_at=now)
+        series = insert("series", study_id=study, series_instance_uid="1.3", tags={})
+        for sop, path in (("1.4", str(stored)), ("1.5", "/mnt/other/1.5.dcm")):
+            insert("instances", series_id=series, sop_instance_uid=sop, sop_class_uid="1.1",
+                   transfer_syntax_uid="1.2.840.10008.1.2.1", stored_path=path, size_bytes=1,
+                   sha256="0" * 64, study_revision=1, source="folder", received_at=now)
+        insert("models", name="chest", version="1", stage="staging", bundle_path=str(bundle),
+               manifest={}, registered_at=now)
+    engine.dispose()
     upgrade(url)
     with session_scope(url) as session:
         paths = dict(session.execute(
