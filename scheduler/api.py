@@ -14,7 +14,13 @@ from starlette.concurrency import run_in_threadpool
 
 from lightbox.errors import ConfigurationError
 from lightbox.settings import Settings
-from scheduler.stow import StowRequestError, response_body, stow
+from scheduler.stow import (
+    StowRequestError,
+    StowTooLarge,
+    response_body,
+    stage_request,
+    store_parts,
+)
 
 DICOM_JSON = "application/dicom+json"
 
@@ -42,12 +48,14 @@ def make_app(settings: Settings) -> FastAPI:
     async def store_instances(request: Request) -> JSONResponse:
         """STOW-RS: store instances (any study)."""
         _authorise(settings, request)
-        body = await request.body()
-        try:
-            results = await run_in_threadpool(
-                stow, settings, request.headers.get("content-type", ""), body)
+        try:  # streamed to files part by part (scheduler.stow): bounded memory
+            parts = await stage_request(settings, request.headers.get("content-type", ""),
+                                        request.headers.get("content-length"), request.stream())
+        except StowTooLarge as exc:
+            raise HTTPException(413, str(exc)) from exc
         except StowRequestError as exc:
             raise HTTPException(415, str(exc)) from exc
+        results = await run_in_threadpool(store_parts, settings, parts)
         base = str(request.base_url).rstrip("/") + "/dicom-web"
         status, payload = response_body(results, base)
         return JSONResponse(payload, status_code=status, media_type=DICOM_JSON)
