@@ -15,7 +15,7 @@ the ARTIM timer closes them. Here:
 
 These use pynetdicom internals (``DULServiceProvider._read_pdu_data``, ``RequestHandler.
 _create_association``, ``AE.make_server``/``_servers``): pyproject pins pynetdicom's major
-version and ``tests/test_scp_limits.py::test_pynetdicom_internals_are_there`` fails loudly
+version and ``tests/test_limits.py::test_pynetdicom_internals_are_there`` fails loudly
 if they change.
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import select
 import socket
+import socketserver
 import struct
 import subprocess
 import sys
@@ -231,6 +232,34 @@ def test_idle_connections_from_one_host_do_not_lock_out_allowed_callers(
         finally:
             for sock in idle:
                 sock.close()
+
+
+def test_pynetdicom_internals_are_there() -> None:
+    """scheduler/scp_guard.py leans on pynetdicom internals: fail loudly, naming the one that
+    changed, rather than let the SCP go unbounded again after an upgrade."""
+    import inspect
+
+    from pynetdicom import AE as PynetdicomAE
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.fsm import TRANSITION_TABLE
+    from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
+
+    reader = inspect.getsource(DULServiceProvider._read_pdu_data)
+    assert "self.socket.recv(6)" in reader and "self.socket.recv(pdu_length)" in reader, \
+        "DULServiceProvider._read_pdu_data no longer reads header then body from the socket"
+    assert "recv" in vars(AssociationSocket), "AssociationSocket.recv is gone"
+    handler = inspect.getsource(RequestHandler._create_association)
+    assert "AssociationSocket(assoc, client_socket=self.request)" in handler
+    assert "assoc.set_socket(sock)" in handler
+    assert "request_handler" in inspect.signature(AssociationServer.__init__).parameters
+    make_server = inspect.signature(PynetdicomAE.make_server).parameters
+    assert "server_class" in make_server and any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in make_server.values())
+    assert isinstance(PynetdicomAE()._servers, list), "AE._servers is what shutdown() stops"
+    assert TRANSITION_TABLE[("Evt19", "Sta2")] == "AA-1", "invalid PDU before association"
+    assert TRANSITION_TABLE[("Evt19", "Sta6")] == "AA-8", "invalid PDU once associated"
+    assert "active_associations" in vars(AssociationServer)
+    assert "verify_request" in vars(socketserver.BaseServer)
 
 
 def _part10(ds: Dataset, syntax: str) -> bytes:
