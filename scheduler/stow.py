@@ -37,6 +37,8 @@ CANNOT_UNDERSTAND = 0xC210
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_NOT_SUPPORTED = 0xC122
 MAX_PART_HEADER = 16 * 1024
+# RFC 2046 says 70 characters; Orthanc's STOW client sends 73. Any bound will do.
+MAX_BOUNDARY = 256
 
 
 class StowRequestError(ValueError):
@@ -68,7 +70,7 @@ def boundary_of(content_type: str) -> bytes:
     if kind != "multipart/related":
         raise StowRequestError("expected multipart/related")
     boundary = params.get("boundary", "")
-    if not boundary or len(boundary) > 70:
+    if not boundary or len(boundary) > MAX_BOUNDARY:
         raise StowRequestError("multipart/related without a valid boundary")
     return boundary.encode("ascii", "replace")
 
@@ -191,7 +193,11 @@ async def stage_request(settings: Settings, content_type: str, content_length: s
                         chunks: AsyncIterator[bytes]) -> list[StagedPart]:
     """Stream a STOW-RS body into one file per part under ``incoming/``; over a limit
     (:class:`StowTooLarge`) or malformed (:class:`StowRequestError`) nothing is kept."""
-    boundary = boundary_of(content_type)
+    try:
+        boundary = boundary_of(content_type)
+    except StowRequestError as exc:
+        log.warning("STOW-RS request refused: %s (%s)", exc, content_type[:200])
+        raise
     max_bytes = int(settings.stow_max_body_mb * 2**20)
     if content_length is not None and content_length.isdigit() and \
             int(content_length) > max_bytes:
@@ -205,6 +211,10 @@ async def stage_request(settings: Settings, content_type: str, content_length: s
         async for chunk in chunks:
             stager.feed(chunk)
         return stager.close()
+    except StowRequestError as exc:
+        log.warning("STOW-RS request refused: %s", exc)
+        stager.discard()
+        raise
     except BaseException:
         stager.discard()
         raise
