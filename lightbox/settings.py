@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         "close after an abort); then it is closed.",
     )
     scp_max_connections_per_host: int = Field(
-        default=4,
+        default=8,
         description="Open connections (associated or not) per peer address; more are closed "
         "at once with an A-ABORT, so one host cannot take every association slot.",
     )
