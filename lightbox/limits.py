@@ -61,9 +61,10 @@ def check_deflated(source: Path | str | bytes, limit: int) -> None:
         try:
             read_preamble(fp, False)
             meta = _read_file_meta_info(fp)
+            syntax = str(meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")
         except Exception:  # noqa: BLE001 - not ours to judge: pydicom says why later
             return
-        if str(meta.get("TransferSyntaxUID", "") or "").strip("\x00 ") != DEFLATED:
+        if syntax != DEFLATED:
             return
         inflated_size_within(fp, limit)
 
