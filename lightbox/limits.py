@@ -24,6 +24,7 @@ J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
                           "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
                           "1.2.840.10008.1.2.4.203"})
 CHUNK = 1 << 20
+META_SCAN = 64 * 1024
 MIB = 1 << 20
 SOC_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the SIZ marker
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
@@ -58,6 +59,11 @@ def check_deflated(source: Path | str | bytes, limit: int) -> None:
     Deflated transfer syntax and its data set inflates past ``limit`` bytes. Anything that is
     not a readable Part 10 file passes: the caller's parser reports it."""
     with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as fp:
+        # The transfer syntax is near the start of the file meta; without that UID there the
+        # file cannot be deflated, and the meta need not be parsed (the SCP's hot path).
+        if DEFLATED.encode() not in fp.read(META_SCAN):
+            return
+        fp.seek(0)
         try:
             read_preamble(fp, False)
             meta = _read_file_meta_info(fp)
