@@ -203,6 +203,29 @@ def test_oversized_associate_request_is_aborted_after_its_header(sqlite_backend:
     assert rss.growth_mb < 100
 
 
+def test_oversized_data_pdu_is_aborted_after_its_header(sqlite_backend: Backend,
+                                                         tmp_path: Path) -> None:
+    """Item 1, once associated: a P-DATA-TF PDU declaring more than the maximum PDU length
+    the SCP announced (LIGHTBOX_SCP_MAX_PDU_KB) gets an A-ABORT after its header."""
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log", callers=ALLOWED,
+                      LIGHTBOX_SCP_MAX_PDU_KB="64") as port:
+        with PeakRss(_scp_pid(port)) as rss:
+            ae = AE(ae_title=ALLOWED)
+            ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+            assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX")
+            assert assoc.is_established
+            assert assoc.acceptor.maximum_length == 64 * 1024
+            raw = assoc.dul.socket.socket  # around pynetdicom, which would split the data
+            assert raw is not None
+            raw.sendall(b"\x04\x00" + struct.pack(">L", 2**30) + bytes(MB))
+            wait_for(lambda: assoc.is_aborted, 60, what="A-ABORT from the SCP")
+            assert _store(port, ct, ExplicitVRLittleEndian) == 0
+    print(f"item 1 (P-DATA): SCP peak RSS growth {rss.growth_mb:.0f} MB")
+    assert rss.growth_mb < 100
+
+
 def test_idle_connections_from_one_host_do_not_lock_out_allowed_callers(
         sqlite_backend: Backend, tmp_path: Path) -> None:
     """Item 2: 16 connections that send nothing (all the association slots): those past the
