@@ -296,7 +296,8 @@ def start_scp(settings: Settings, *, counts: dict[str, int] | None = None) -> Sc
 def limits(settings: Settings) -> PduLimits:
     return PduLimits(associate=settings.scp_max_associate_kb * 1024,
                      data=settings.scp_max_pdu_kb * 1024,
-                     per_host=settings.scp_max_connections_per_host)
+                     per_host=settings.scp_max_connections_per_host,
+                     handshake_seconds=settings.scp_association_timeout)
 
 
 def run_scp(settings: Settings, stop: threading.Event) -> dict[str, int]:

@@ -11,10 +11,11 @@ the ARTIM timer closes them. Here:
   connection without reading the rest;
 * :class:`GuardedServer` closes, with an A-ABORT, a connection from a host that already holds
   ``max_per_host`` connections, in the accept loop, so one host cannot take every slot;
-* the ARTIM timer (``AE.acse_timeout``) closes a connection that sends no A-ASSOCIATE-RQ.
+* the ARTIM timer (``AE.acse_timeout``) closes a connection that sends no A-ASSOCIATE-RQ, and
+  a TLS handshake must end within the same time (it runs in the accept loop).
 
 These use pynetdicom internals (``DULServiceProvider._read_pdu_data``, ``RequestHandler.
-_create_association``, ``AE.make_server``/``_servers``): pyproject pins pynetdicom's major
+_create_association``, ``AssociationServer.get_request``, ``AE.make_server``/``_servers``): pyproject pins pynetdicom's major
 version and ``tests/test_limits.py::test_pynetdicom_internals_are_there`` fails loudly
 if they change.
 """
@@ -51,6 +52,7 @@ class PduLimits:
     associate: int
     data: int
     per_host: int
+    handshake_seconds: float | None = None  # TLS handshake, in the accept loop
 
     def limit(self, pdu_type: int) -> int:
         if pdu_type == A_ASSOCIATE_RQ:
@@ -151,6 +153,23 @@ class GuardedServer(AssociationServer):
     doing it in the accept loop keeps the per-host count exact for the next connection."""
 
     limits: PduLimits
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept, and with TLS shake hands within ``limits.handshake_seconds``: pynetdicom
+        does the handshake in the accept loop without a timeout, so one connection that never
+        starts it would stop the SCP accepting anyone (a timeout is an ``OSError``, which
+        socketserver drops the connection for)."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client.settimeout(self.limits.handshake_seconds)
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except OSError:
+                client.close()
+                raise
+            client.settimeout(None)
+        return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = client_address[0]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import select
+import shutil
 import socket
 import socketserver
+import ssl
 import struct
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
@@ -283,6 +286,37 @@ def test_pynetdicom_internals_are_there() -> None:
     assert TRANSITION_TABLE[("Evt19", "Sta6")] == "AA-8", "invalid PDU once associated"
     assert "active_associations" in vars(AssociationServer)
     assert "verify_request" in vars(socketserver.BaseServer)
+
+
+def test_tls_connection_that_never_shakes_hands_does_not_stop_the_scp(
+        sqlite_backend: Backend, tmp_path: Path) -> None:
+    """Item 2 on TLS: the handshake runs in the accept loop; a peer that connects and sends
+    nothing is dropped after LIGHTBOX_SCP_ASSOCIATION_TIMEOUT, and TLS callers get in."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    with lightbox_scp(sqlite_backend, tmp_path / "scp.log", callers=ALLOWED,
+                      LIGHTBOX_SCP_TLS_CERT=str(cert), LIGHTBOX_SCP_TLS_KEY=str(key),
+                      LIGHTBOX_SCP_ASSOCIATION_TIMEOUT="3") as port:
+        silent = _connect_as_attacker(port)
+        try:
+            time.sleep(0.5)
+            ae = AE(ae_title=ALLOWED)
+            ae.add_requested_context("1.2.840.10008.1.1")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+            assoc = ae.associate("127.0.0.1", port, ae_title="LIGHTBOX",
+                                 tls_args=(client, "localhost"))
+            assert assoc.is_established, "a silent TLS connection stopped the SCP accepting"
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+            silent.settimeout(30)
+            assert silent.recv(64) == b"", "the silent connection was not dropped"
+        finally:
+            silent.close()
 
 
 def _part10(ds: Dataset, syntax: str) -> bytes:
