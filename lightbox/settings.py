@@ -98,8 +98,8 @@ class Settings(BaseSettings):
     )
     scp_association_timeout: float = Field(
         default=10.0,
-        description="Seconds a new connection may take to send its A-ASSOCIATE-RQ (and to "
-        "close after an abort); then it is closed.",
+        description="Seconds a new connection may take to finish the TLS handshake and to send "
+        "its A-ASSOCIATE-RQ (and to close after an abort); then it is closed.",
     )
     scp_max_connections_per_host: int = Field(
         default=8,
