@@ -26,7 +26,9 @@ from pydicom.uid import (
 
 from lightbox.errors import PixelDecodeError
 from lightbox.j2k_reduced import JPEG2000_SYNTAXES, decode_reduced, read_header, reduction_for
+from lightbox.limits import J2K_SYNTAXES, MIB, LimitExceeded, check_deflated, check_j2k_frame
 from lightbox.manifest import PreprocessSpec
+from lightbox.settings import get_settings
 
 # Values longer than this stay in the file until used (the pixel data, in practice).
 DEFER_ABOVE_BYTES = 64 * 1024
@@ -42,7 +44,10 @@ def read_dataset(path: Path | str) -> Dataset:
     (:func:`_read_native_frame`), and a compressed frame is read once, on first access, so a
     7 MB CR is not first copied into a Python ``bytes`` object it is then copied out of."""
     try:
+        check_deflated(path, int(get_settings().max_inflated_mb * MIB))
         return pydicom.dcmread(str(path), defer_size=DEFER_ABOVE_BYTES)
+    except LimitExceeded as exc:
+        raise PixelDecodeError(f"refused {Path(path).name}: {exc}") from exc
     except Exception as exc:  # pydicom raises many types for broken files
         raise PixelDecodeError(f"cannot read {Path(path).name}: {type(exc).__name__}") from exc
 
@@ -58,6 +63,7 @@ def decode_frame(ds: Dataset, min_shape: tuple[int, int] | None = None) -> np.nd
     other frame by averaging blocks of the full decode (:func:`block_mean`). Frames whose
     modality or VOI step is a lookup table are returned in full (a table needs the stored
     integers, not their means)."""
+    _check_declared_size(ds)
     if min_shape is not None:
         reduced = _decode_reduced(ds, *min_shape)
         if reduced is not None:
@@ -65,6 +71,22 @@ def decode_frame(ds: Dataset, min_shape: tuple[int, int] | None = None) -> np.nd
         array = _decode_full(ds)
         return array if _has_lut(ds) else block_mean(array, *min_shape)
     return _decode_full(ds)
+
+
+def _check_declared_size(ds: Dataset) -> None:
+    """A JPEG 2000 frame must declare the data set's size: the decoder allocates for what the
+    codestream says (ingest checks this too; this covers files stored before it did)."""
+    try:
+        if str(ds.file_meta.TransferSyntaxUID) not in J2K_SYNTAXES:
+            return
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+        check_j2k_frame(frame, int(ds.Rows), int(ds.Columns),
+                        int(ds.get("SamplesPerPixel", 1) or 1))
+    except LimitExceeded as exc:
+        raise PixelDecodeError(f"refused {ds.get('SOPInstanceUID', '?')}: {exc}") from exc
+    except Exception:  # noqa: BLE001 - unreadable frames are reported by the decode itself
+        return
 
 
 def _decode_full(ds: Dataset) -> np.ndarray:

@@ -109,6 +109,40 @@ class Settings(BaseSettings):
         "without it; '*' accepts any caller (not for production).",
     )
     scp_max_associations: int = Field(default=16, description="Concurrent associations.")
+    scp_max_associate_kb: int = Field(
+        default=256,
+        description="Largest A-ASSOCIATE-RQ PDU the SCP reads (KiB); a longer one is aborted "
+        "(A-ABORT) after its 6-byte header, before any AE title check.",
+    )
+    scp_max_pdu_kb: int = Field(
+        default=16384,
+        description="Maximum PDU length the SCP announces and enforces (KiB) for P-DATA; a "
+        "longer PDU is aborted after its header.",
+    )
+    scp_association_timeout: float = Field(
+        default=10.0,
+        description="Seconds a new connection may take to finish the TLS handshake and to send "
+        "its A-ASSOCIATE-RQ (and to close after an abort); then it is closed.",
+    )
+    scp_max_connections_per_host: int = Field(
+        default=8,
+        description="Open connections (associated or not) per peer address; more are closed "
+        "at once with an A-ABORT, so one host cannot take every association slot.",
+    )
+    max_inflated_mb: float = Field(
+        default=512.0,
+        description="Largest data set a Deflated transfer syntax file may inflate to (MiB), on "
+        "every channel and in the worker; larger is refused (0xC210, quarantined).",
+    )
+    stow_max_body_mb: float = Field(
+        default=1024.0,
+        description="Largest STOW-RS request body (MiB); larger is refused with HTTP 413.",
+    )
+    stow_max_parts: int = Field(
+        default=1000,
+        description="Most parts in one STOW-RS request; more is refused with HTTP 413 (no part "
+        "of it is stored or quarantined).",
+    )
     scp_min_free_mb: float = Field(
         default=256.0,
         description="Free space the storage must keep; below it C-STORE answers 0xA700.",

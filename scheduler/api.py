@@ -21,7 +21,13 @@ from lightbox.settings import Settings
 from scheduler.api_auth import Authenticator, Principal, load_tokens
 from scheduler.api_v1 import audit, make_router, requirer
 from scheduler.dashboard import SignInRequired, make_dashboard
-from scheduler.stow import StowRequestError, response_body, stow
+from scheduler.stow import (
+    StowRequestError,
+    StowTooLarge,
+    response_body,
+    stage_request,
+    store_parts,
+)
 
 DICOM_JSON = "application/dicom+json"
 log = logging.getLogger(__name__)
@@ -56,12 +62,14 @@ def make_app(settings: Settings) -> FastAPI:
     @app.post("/dicom-web/studies", summary="STOW-RS: store instances (operator)")
     async def store_instances(request: Request,
                               who: Principal = operator) -> JSONResponse:
-        body = await request.body()
-        try:
-            results = await run_in_threadpool(
-                stow, settings, request.headers.get("content-type", ""), body)
+        try:  # streamed to files part by part (scheduler.stow): bounded memory
+            parts = await stage_request(settings, request.headers.get("content-type", ""),
+                                        request.headers.get("content-length"), request.stream())
+        except StowTooLarge as exc:
+            raise HTTPException(413, str(exc)) from exc
         except StowRequestError as exc:
             raise HTTPException(415, str(exc)) from exc
+        results = await run_in_threadpool(store_parts, settings, parts)
         base = str(request.base_url).rstrip("/") + "/dicom-web"
         status, payload = response_body(results, base)
         with session_scope(settings.sqlalchemy_url) as session:

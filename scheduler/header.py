@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,12 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
 from lightbox.errors import IngestError, NotDicomError
+from lightbox.limits import J2K_SYNTAXES, MIB, LimitExceeded, check_deflated, check_j2k_frame
+from lightbox.settings import Settings
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 UNDEFINED_LENGTH = 0xFFFFFFFF
+MAX_INFLATED_DEFAULT = int(Settings.model_fields["max_inflated_mb"].default * MIB)
 # What pydicom raises for malformed or cut-short bytes, on reading or on first access.
 PARSE_ERRORS = (EOFError, ValueError, TypeError, KeyError, IndexError, OverflowError,
                 AttributeError, NotImplementedError, OSError, BytesLengthException, struct.error)
@@ -124,17 +128,35 @@ def _check_pixels(ds: Dataset) -> None:
             raise IngestError(f"pixel data truncated: {len(data)} of {expected} bytes")
         return
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    j2k = ts in J2K_SYNTAXES
+    count = 0
     try:
-        count = sum(1 for _ in generate_frames(data, number_of_frames=frames))
+        for frame in generate_frames(data, number_of_frames=frames):
+            count += 1
+            if j2k:  # what the decoder will allocate for, before anyone decodes it
+                check_j2k_frame(frame, int(ds.Rows), int(ds.Columns),
+                                int(ds.get("SamplesPerPixel", 1) or 1))
+    except LimitExceeded as exc:
+        raise IngestError(str(exc)) from exc
     except (ValueError, TypeError, KeyError, IndexError) as exc:
         raise IngestError(f"encapsulated pixel data unreadable: {type(exc).__name__}") from exc
     if count < frames:
         raise IngestError(f"encapsulated pixel data holds {count} of {frames} frames")
 
 
-def read_header(source: Path | bytes) -> Header:
+def read_header(source: Path | bytes, *,
+                max_inflated_bytes: int = MAX_INFLATED_DEFAULT) -> Header:
     """Parse a file, or a Part 10 byte stream already in memory (network receivers: no read
-    back from disk), pixel bytes read but not decoded, and return what registration needs."""
+    back from disk), pixel bytes read but not decoded, and return what registration needs.
+
+    A deflated data set is first inflated in chunks and thrown away, to refuse one that
+    inflates past ``max_inflated_bytes`` before pydicom inflates it whole."""
+    try:
+        check_deflated(source, max_inflated_bytes)
+    except LimitExceeded as exc:
+        raise IngestError(str(exc)) from exc
+    except zlib.error as exc:
+        raise IngestError(f"deflated data set unreadable: {exc}") from exc
     try:
         ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except InvalidDicomError as exc:

@@ -168,7 +168,7 @@ def register_file(settings: Settings, path: Path, *, source: str = "folder", mov
     url = settings.sqlalchemy_url
     try:
         _check_path(path, root)
-        header = read_header(path)
+        header = read_header(path, max_inflated_bytes=int(settings.max_inflated_mb * 2**20))
     except IngestError as exc:
         with session_scope(url) as session:
             quarantine_file(settings, session, path, code=exc.code, reason=str(exc), move=move)
@@ -268,3 +268,20 @@ def register_bytes(settings: Settings, data: bytes, *, source: str,
         raise
     finally:
         staged.unlink(missing_ok=True)
+
+
+def register_staged(settings: Settings, path: Path, *, source: str,
+                    min_free_mb: float = 0.0) -> RegisterResult:
+    """:func:`register_bytes` for bytes a receiver has already streamed into a file of its own
+    under ``incoming/`` (STOW-RS parts: never whole in memory). The file is moved on or
+    removed; :class:`StorageFullError` as for :func:`register_bytes`."""
+    try:
+        if _free_mb(settings.storage_dir) - path.stat().st_size / 2**20 < min_free_mb:
+            raise StorageFullError(f"storage below its free-space floor of {min_free_mb:g} MB")
+        return register_file(settings, path, source=source[:32], move=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFullError("storage full (no space left on device)") from exc
+        raise
+    finally:
+        path.unlink(missing_ok=True)

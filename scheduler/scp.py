@@ -15,6 +15,8 @@ folder-ingest path). Statuses:
 
 Callers not listed in ``LIGHTBOX_SCP_ALLOWED_CALLERS`` are rejected at association (calling AE
 title not recognised), before any data is sent. Each association runs in its own thread.
+What a peer can make the SCP hold before that check is bounded (:mod:`scheduler.scp_guard`:
+PDU length, connections per host, time to send the A-ASSOCIATE-RQ).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationServer
 from sqlalchemy.exc import OperationalError
 
 from db.models import Event
@@ -41,6 +43,7 @@ from lightbox.errors import ConfigurationError, IngestError
 from lightbox.settings import Settings
 from scheduler.header import is_plain_uid
 from scheduler.register import Received, StorageFullError, register_file
+from scheduler.scp_guard import PduLimits, start_guarded_server
 from scheduler.scp_replies import quiet_standard_handlers, use_cached_replies
 from scheduler.spool import Spool, SpoolRegistrar, received, recover, spool_dir
 from scheduler.uid_template import splice, split_around_placeholder
@@ -181,7 +184,9 @@ def handle_store(event: evt.Event, settings: Settings, spool: Spool,
             return _count(counts, lock, "quarantined", CANNOT_UNDERSTAND)
         flushing = spool.write(data, min_free_mb=settings.scp_min_free_mb)
         try:  # checked in memory while the bytes are being flushed
-            item: Received | None = received(flushing.slot, data, source)
+            item: Received | None = received(
+                flushing.slot, data, source,
+                max_inflated_bytes=int(settings.max_inflated_mb * 2**20))
         except IngestError:
             item = None
         slot = flushing.wait()
@@ -238,7 +243,11 @@ def make_ae(settings: Settings) -> AE:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     ae.maximum_associations = settings.scp_max_associations
-    ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from senders that honour it
+    # Large, so senders that honour it send fewer P-DATA PDUs; bounded, because a PDU is read
+    # whole into memory (scheduler.scp_guard refuses longer ones).
+    ae.maximum_pdu_size = settings.scp_max_pdu_kb * 1024
+    # The ARTIM timer: how long a connection may wait before its A-ASSOCIATE-RQ.
+    ae.acse_timeout = settings.scp_association_timeout
     callers = parse_callers(settings.scp_allowed_callers)
     if callers is not None:
         # pynetdicom's own check (AE title) runs first; the handler adds the host pinning.
@@ -249,7 +258,7 @@ def make_ae(settings: Settings) -> AE:
 class Scp:
     """A running SCP: the association server and the registrar draining its spool."""
 
-    def __init__(self, server: ThreadedAssociationServer, registrar: SpoolRegistrar) -> None:
+    def __init__(self, server: AssociationServer, registrar: SpoolRegistrar) -> None:
         self.server, self.registrar = server, registrar
 
     def shutdown(self) -> None:
@@ -282,10 +291,16 @@ def start_scp(settings: Settings, *, counts: dict[str, int] | None = None) -> Sc
     context = tls_context(settings)
     log.info("storage SCP %s listening on %s:%d%s (callers: %s)", settings.scp_ae_title,
              *address, " with TLS" if context else "", settings.scp_allowed_callers)
-    server = ae.start_server(address, block=False, evt_handlers=handlers,
-                             ssl_context=context)
-    assert server is not None
+    server = start_guarded_server(ae, address, limits(settings), evt_handlers=handlers,
+                                  ssl_context=context)
     return Scp(server, registrar)
+
+
+def limits(settings: Settings) -> PduLimits:
+    return PduLimits(associate=settings.scp_max_associate_kb * 1024,
+                     data=settings.scp_max_pdu_kb * 1024,
+                     per_host=settings.scp_max_connections_per_host,
+                     handshake_seconds=settings.scp_association_timeout)
 
 
 def run_scp(settings: Settings, stop: threading.Event) -> dict[str, int]:

@@ -43,7 +43,7 @@ from db.models import Event
 from db.session import session_scope
 from lightbox.errors import IngestError
 from lightbox.settings import Settings
-from scheduler.header import PARSE_ERRORS, read_header
+from scheduler.header import MAX_INFLATED_DEFAULT, PARSE_ERRORS, read_header
 from scheduler.register import (
     Received,
     StorageFullError,
@@ -160,10 +160,12 @@ class Flushing:
         return self.slot
 
 
-def received(slot: Path, data: bytes | None = None, source: str | None = None) -> Received:
+def received(slot: Path, data: bytes | None = None, source: str | None = None, *,
+             max_inflated_bytes: int = MAX_INFLATED_DEFAULT) -> Received:
     """Check a filled slot's header (raises :class:`IngestError`) and describe it. Without
     ``source`` (recovery), it is read back from the file meta (Sending AE Title)."""
-    header = read_header(data if data is not None else slot)
+    header = read_header(data if data is not None else slot,
+                         max_inflated_bytes=max_inflated_bytes)
     if data is not None:
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
     else:
@@ -183,7 +185,8 @@ def recover(settings: Settings, spool: Spool) -> dict[str, int]:
     items = []
     for slot in spool.leftovers():
         try:
-            items.append(received(slot))
+            items.append(received(
+                slot, max_inflated_bytes=int(settings.max_inflated_mb * 2**20)))
         except IngestError:
             # Cut short by the crash, hence never acknowledged: quarantined with its reason.
             result = register_file(settings, slot, source="scp", move=True)
