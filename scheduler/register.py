@@ -165,7 +165,8 @@ def register_file(settings: Settings, path: Path, *, source: str = "folder", mov
         header = read_header(path)
     except IngestError as exc:
         with session_scope(url) as session:
-            quarantine_file(settings, session, path, code=exc.code, reason=str(exc), move=move)
+            quarantine_file(settings, session, path, code=exc.code, reason=str(exc), move=move,
+                            sender=source)
         return RegisterResult(Outcome.quarantined, reason=str(exc))
     stored = _stored_path(settings, header)
     sha, size = file_sha256(path)
