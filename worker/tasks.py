@@ -76,6 +76,7 @@ def _touch_worker(settings: Settings, runtime: str) -> None:
 def run_worker(settings: Settings | None = None, loglevel: str = "INFO",
                loader: RuntimeLoader = load_runtime) -> None:
     settings = settings or get_settings()
+    set_worker_timeouts(settings.worker_db_timeout_seconds)
     app, pipeline = build_app(settings, loader)
     runtime_kind = pipeline.cache.runtime_kind
     stop = threading.Event()
