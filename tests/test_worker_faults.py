@@ -42,7 +42,7 @@ def test_reservations_of_finished_jobs_are_cleared(backend: Backend, tiny_model:
     old, fresh = time.time() - 60, time.time()
     # A worker killed with -9 left its three reservations behind: job 0 finished since (run
     # again elsewhere), job 1 still running elsewhere, job 2 finished a moment ago.
-    for index, job in enumerate(jobs):
+    for index in range(len(jobs)):
         raw = client.rpop(f"{QUEUE}:5")
         assert raw is not None
         client.hset("unacked", f"tag-{index}", json.dumps([json.loads(raw), "", QUEUE]))

@@ -27,7 +27,7 @@ from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db.models import WorkerNode
-from db.session import session_scope
+from db.session import session_scope, set_worker_timeouts
 from db.upsert import insert_ignore
 from lightbox.celery_app import make_celery
 from lightbox.settings import Settings, get_settings
