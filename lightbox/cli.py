@@ -56,6 +56,10 @@ def main() -> None:
     settings = get_settings()  # every command starts from a valid configuration
     os.umask(settings.file_umask)  # patient data: files 0600, folders 0700 by default
     setup_logging(settings)
+    # Which state this command works on: a relative default data dir run from another folder
+    # is a different (maybe empty) one.
+    logging.getLogger("lightbox").info("data dir %s, database %s", settings.data_path,
+                                       database_label(settings))
 
 
 @main.group()

@@ -108,3 +108,29 @@ def test_worker_frozen_holding_its_row_lock_is_caught(backend: Backend, tiny_mod
         frozen.send_signal(signal.SIGKILL)
         frozen.send_signal(signal.SIGCONT)
         frozen.wait(timeout=30)
+
+
+def test_worker_killed_with_sigkill_is_listed_gone(sqlite_backend: Backend,
+                                                   tmp_path: Path) -> None:
+    backend = sqlite_backend
+    env = {**backend.env, "LIGHTBOX_HEARTBEAT_TIMEOUT_SECONDS": "3"}
+
+    def workers() -> dict[str, str]:
+        out = subprocess.run([sys.executable, "-m", "lightbox.cli", "status", "--format", "json"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return {w["hostname"]: w["state"] for w in json.loads(out.stdout)["workers"]}
+
+    worker = backend.spawn("worker", log=tmp_path / "worker.log")
+    try:
+        seen = wait_for(lambda: workers(), 180, interval=1, what="the worker to register")
+        assert set(seen.values()) == {"alive"}
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        states = wait_for(lambda: (s := workers()) and "alive" not in s.values() and s, 60,
+                          interval=1, what="the killed worker to be listed gone")
+        assert set(states.values()) == {"gone"} and set(states) == set(seen)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()

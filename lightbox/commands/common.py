@@ -55,8 +55,6 @@ def ensure_db(settings: Settings, *, read_only: bool = False) -> None:
     from db.migrate import upgrade
     from lightbox.errors import ConfigurationError
 
-    logging.getLogger("lightbox").info("data dir %s, database %s", settings.data_path,
-                                       database_label(settings))
     if read_only and not _database_exists(settings):
         raise ConfigurationError(
             f"no Lightbox database at {database_label(settings)} (data dir "
