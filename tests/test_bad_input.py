@@ -175,7 +175,8 @@ def test_hostile_folder_quarantines_each_bad_file_and_processes_the_rest(
     table = subprocess.run([sys.executable, "-m", "lightbox.cli", "status", "--limit", "0"],
                            env=sqlite_backend.env, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "symbolic link pointing outside" in table.stdout
-    assert "'line\\nbreak.dcm'" in table.stdout  # a newline in a name cannot forge a line
+    # Names are not shown at all (digests only), so a newline in one cannot forge a line.
+    assert "break.dcm" not in table.stdout and "passwd" not in table.stdout
 
 
 def test_read_header_never_raises_anything_but_ingest_errors() -> None:

@@ -312,3 +312,15 @@ def test_lightbox_stop_and_status_when_redis_is_not_running(tmp_path: Path) -> N
         release.touch()
         holder.wait(timeout=60)
     assert _redis_servers(data) == []
+
+
+# -- README: items 14, 16, 19 ------------------------------------------------------------------
+
+def test_readme_says_which_storescu_exit_codes_and_data_dir_folders() -> None:
+    text = (REPO / "README.md").read_text()
+    assert "/usr/bin/storescu" in text and "pynetdicom's" in text  # dcmtk's, not the venv's
+    assert "Exit codes of `lightbox`" in text
+    assert "`outputs/`" in text.split("| `LIGHTBOX_DATA_DIR` |", 1)[1].split("\n", 1)[0]
+    allow = [line for line in text.splitlines() if line.startswith(
+        "| `LIGHTBOX_SCP_ALLOWED_CALLERS` |")]
+    assert len(allow) == 2 and all("| empty" in line for line in allow)  # one default
