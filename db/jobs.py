@@ -131,6 +131,16 @@ def requeue_stale(session: Session, *, timeout_seconds: float, max_attempts: int
     return requeued, dead
 
 
+def stale_running(session: Session, *, timeout_seconds: float) -> list[int]:
+    """Running jobs with a stale heartbeat, locked or not. After :func:`requeue_stale` in the
+    same transaction, what is left is locked by another session: on PostgreSQL, a worker
+    frozen inside its transaction (its session ends at its ``idle_in_transaction`` timeout)."""
+    cutoff = _now() - timedelta(seconds=timeout_seconds)
+    return list(session.scalars(select(Job.id).where(
+        Job.state == JobState.running, Job.heartbeat_at < cutoff).order_by(Job.id)
+        .limit(STALE_BATCH)))
+
+
 def mark_enqueued(session: Session, job_ids: list[int]) -> None:
     if job_ids:
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=_now()))

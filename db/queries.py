@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, select
@@ -60,8 +60,19 @@ def findings(session: Session, *, study_uid: str | None = None, label: str | Non
     return [dict(zip(keys, row, strict=True)) for row in session.execute(query)]
 
 
-def status(session: Session, limit: int | None = 50) -> dict[str, Any]:
-    """Counts, plus the newest ``limit`` failed/dead jobs and quarantined files (None: all)."""
+def _worker_state(last_seen: datetime, gone_after_seconds: float | None) -> str:
+    if gone_after_seconds is None:
+        return "seen"
+    if last_seen.tzinfo is None:  # SQLite returns naive UTC
+        last_seen = last_seen.replace(tzinfo=timezone.utc)
+    age = (datetime.now(timezone.utc) - last_seen).total_seconds()
+    return "gone" if age > gone_after_seconds else "alive"
+
+
+def status(session: Session, limit: int | None = 50,
+           gone_after_seconds: float | None = None) -> dict[str, Any]:
+    """Counts, plus the newest ``limit`` failed/dead jobs and quarantined files (None: all).
+    A worker not seen for ``gone_after_seconds`` (killed, host lost) is listed as ``gone``."""
     jobs = {s.value: 0 for s in JobState}
     for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
         jobs[state.value] = count
@@ -76,7 +87,8 @@ def status(session: Session, limit: int | None = 50) -> dict[str, Any]:
         .order_by(Job.id.desc()).limit(limit)
     )
     quarantined = session.execute(
-        select(QuarantinedFile.original_name, QuarantinedFile.reason_code, QuarantinedFile.reason,
+        select(QuarantinedFile.id, QuarantinedFile.name_digest, QuarantinedFile.sender_digest,
+               QuarantinedFile.reason_code, QuarantinedFile.reason,
                QuarantinedFile.quarantine_path, QuarantinedFile.at)
         .order_by(QuarantinedFile.id.desc()).limit(limit)
     )
@@ -98,11 +110,13 @@ def status(session: Session, limit: int | None = 50) -> dict[str, Any]:
         ],
         "quarantined_total": session.scalar(select(func.count()).select_from(QuarantinedFile)),
         "quarantined": [
-            {"name": r[0], "code": r[1], "reason": r[2], "path": r[3], "at": r[4]}
+            {"id": r[0], "name_digest": r[1], "sender_digest": r[2], "code": r[3],
+             "reason": r[4], "path": r[5], "at": r[6]}
             for r in quarantined
         ],
         "vanished_instances": vanished,
-        "workers": [{"hostname": r[0], "runtime": r[1], "last_seen_at": r[2]} for r in workers],
+        "workers": [{"hostname": r[0], "runtime": r[1], "last_seen_at": r[2],
+                     "state": _worker_state(r[2], gone_after_seconds)} for r in workers],
         **export_status(session),
     }
 

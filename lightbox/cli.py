@@ -3,23 +3,64 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime, timezone
+from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
-from lightbox.commands.common import console, db_session, ensure_db, setup_logging, stop_on_signals
+from lightbox.commands.common import (
+    console,
+    database_label,
+    db_session,
+    ensure_db,
+    setup_logging,
+    stop_on_signals,
+)
 from lightbox.commands.probes import start_probes, worker_checks
+from lightbox.errors import ConfigurationError
 from lightbox.output import print_rows, to_json
 from lightbox.settings import Settings, get_settings
 
+# Exit codes (README "Exit codes"): 0 done, 1 the command failed, 2 configuration or usage
+# error (a bad or unknown LIGHTBOX_* variable, an unreachable database, a wrong argument).
+EXIT_CONFIG = 2
 
-@click.group()
-@click.version_option(package_name="lightbox", prog_name="lightbox")
+
+class _Lightbox(click.Group):
+    """Configuration errors end every command the same way: one line naming the variable and
+    what it allows, exit code 2, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import InterfaceError, OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            click.echo(f"lightbox: configuration error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        except (OperationalError, InterfaceError) as exc:
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+            click.echo(f"lightbox: LIGHTBOX_DATABASE_URL: database "
+                       f"{database_label(get_settings())} not reachable: {first}", err=True)
+            sys.exit(EXIT_CONFIG)
+
+
+@click.group(cls=_Lightbox)
+@click.version_option(package_version("lightbox"), prog_name="lightbox")
 def main() -> None:
     """Lightbox: batch AI inference for hospital imaging queues."""
+    settings = get_settings()  # every command starts from a valid configuration
+    os.umask(settings.file_umask)  # patient data: files 0600, folders 0700 by default
+    setup_logging(settings)
+    # Which state this command works on: a relative default data dir run from another folder
+    # is a different (maybe empty) one.
+    logging.getLogger("lightbox").info("data dir %s, database %s", settings.data_path,
+                                       database_label(settings))
 
 
 @main.group()
@@ -40,7 +81,8 @@ def db_upgrade() -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
 @click.option("--move", is_flag=True, help="Remove each source file once registered.")
 def ingest(paths: tuple[Path, ...], move: bool) -> None:
     """Register DICOM files or folders (one-shot)."""
@@ -67,6 +109,12 @@ def watch(directory: Path) -> None:
 
     settings = get_settings()
     setup_logging(settings)
+    if not directory.is_dir():
+        log = logging.getLogger("lightbox.watch")
+        if directory.exists():
+            raise click.ClickException(f"{directory} is not a folder")
+        log.warning("watched folder %s does not exist: creating it (check the path if "
+                    "files were expected there)", directory.absolute())
     ensure_db(settings)
     counts = run_watch(settings, directory, stop_on_signals())
     logging.getLogger("lightbox.watch").info("watch stopped: %s", dict(counts))
@@ -111,7 +159,7 @@ def results(study_uid: str | None, label: str | None, min_score: float | None,
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
-    with db_session() as session:
+    with db_session(read_only=True) as session:
         rows = findings(session, study_uid=study_uid, label=label, min_score=min_score,
                         since=since, include_superseded=include_superseded)
         state = None
@@ -147,10 +195,15 @@ def status(fmt: str, limit: int) -> None:
     from rich.markup import escape
 
     from db.queries import status as query_status
+    from lightbox.redis_server import embedded_redis_running
 
-    with db_session() as session:
-        report = query_status(session, limit=limit or None)
-    report["queue_depth"] = queue_depth(get_settings())
+    settings = get_settings()
+    with db_session(read_only=True) as session:
+        report = query_status(session, limit=limit or None,
+                              gone_after_seconds=settings.heartbeat_timeout_seconds)
+    report["queue_depth"] = queue_depth(settings)
+    report["embedded_redis"] = None if settings.redis_url else (
+        "running" if embedded_redis_running(settings) else "not running")
     if fmt == "json":
         print(to_json(report))
         return
@@ -162,14 +215,19 @@ def status(fmt: str, limit: int) -> None:
     depth = report["queue_depth"]
     console.print(f"studies: {report['studies']}   queue depth: "
                   f"{'unavailable (Redis not reachable)' if depth is None else depth}")
+    if report["embedded_redis"] == "not running":
+        console.print("[yellow]embedded Redis not running[/yellow] (the scheduler or a worker "
+                      "starts it; `lightbox stop` ends it)")
     for w in report["workers"]:
-        console.print(f"worker {w['hostname']} runtime={w['runtime']} last seen {w['last_seen_at']}")
+        console.print(f"worker {w['hostname']} runtime={w['runtime']} {w['state']}, last seen "
+                      f"{w['last_seen_at']}")
     for job in report["problem_jobs"]:
         console.print(f"[red]job {job['job_id']} {job['state']}[/red] {job['model']} "
                       f"study …{job['study_instance_uid'][-16:]}: {job['error_code']}: "
                       f"{escape(job['error_detail'] or '')}", highlight=False)
     for q in report["quarantined"]:
-        console.print(f"[yellow]quarantined[/yellow] {escape(repr(q['name']))}: "
+        console.print(f"[yellow]quarantined[/yellow] {q['id']} (name digest "
+                      f"{q['name_digest'] or '-'}): "
                       f"{escape(q['reason'])} ({q['code']})", highlight=False)
     shown, total = len(report["quarantined"]), report["quarantined_total"]
     if total > shown:
@@ -199,6 +257,19 @@ def demo(studies: int, timeout: float, serve: bool) -> None:
     sys.exit(run_demo(get_settings(), console, studies=studies, timeout=timeout, serve=serve))
 
 
+@main.command()
+def stop() -> None:
+    """Stop the embedded Redis of this data dir (saving its data first)."""
+    from lightbox.redis_server import stop_embedded_redis
+
+    settings = get_settings()
+    if settings.redis_url:
+        raise click.ClickException("LIGHTBOX_REDIS_URL is set: Redis is external, not ours "
+                                   "to stop")
+    stopped = stop_embedded_redis(settings)
+    console.print("embedded Redis stopped" if stopped else "embedded Redis was not running")
+
+
 # Command groups that live in their own modules (one module per area, under lightbox/commands/).
 # Each area registers itself on its own line below.
 # -- trainer (compile, models retire) --
@@ -223,6 +294,10 @@ main.add_command(_jobs)
 from lightbox.commands.explain import explain as _explain  # noqa: E402
 
 main.add_command(_explain)
+# -- configuration (config check, config show) --
+from lightbox.commands.config import config as _config  # noqa: E402
+
+main.add_command(_config)
 
 
 if __name__ == "__main__":

@@ -237,7 +237,8 @@ def run_demo(settings: Settings, console: Console, *, studies: int, timeout: flo
                       f"…{real_uid[-18:]}")
         console.print(f"CT study …{ct_uid[-18:]}: no routing rule (recorded as unrouted)")
         for q in report["quarantined"][:2]:
-            console.print(f"quarantined {q['name']}: {q['reason']}")
+            console.print(f"quarantined file {q['id']} (name kept only as a digest): "
+                          f"{q['reason']}")
         rate = n_images / seconds if seconds > 0 else float("nan")
         console.print(f"throughput: {n_images} images in {seconds:.2f} s of job time = "
                       f"{rate:.1f} images/s ({len(uids)} studies, end to end "

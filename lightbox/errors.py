@@ -11,7 +11,8 @@
     ├── RuntimeUnavailableError   the chosen model runtime cannot run on this node
     │   ├── TensorRTUnavailable   TensorRT or a CUDA device is missing (the reason says which)
     │   └── EngineBuildError      TensorRT is here but cannot build an engine for this model
-    └── JobStateError             a job transition that is not allowed
+    ├── JobStateError             a job transition that is not allowed
+    └── OutputBuildError          an SR/SC cannot be built from the source (names the attribute)
 """
 
 from __future__ import annotations
@@ -76,3 +77,10 @@ class EngineBuildError(RuntimeUnavailableError):
 
 class JobStateError(LightboxError):
     code = "job_state"
+
+
+class OutputBuildError(LightboxError):
+    """A result object (SR, SC) cannot be built from its source; the message names the source
+    attribute that caused it (never its value: it may be patient data)."""
+
+    code = "build_failed"

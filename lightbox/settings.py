@@ -7,12 +7,28 @@ embedded Redis on a Unix socket, managed storage, quarantine, model bundles), so
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from lightbox.errors import ConfigurationError
+
+ENV_PREFIX = "LIGHTBOX_"
+# Variables the test suite reads itself (external servers' URLs); never settings.
+TEST_PREFIX = "LIGHTBOX_TEST_"
+RUNTIMES = ("auto", "onnxruntime", "tensorrt")
+TRT_PRECISIONS = ("fp32", "fp16")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+DESTINATION_KEYS = {"dicom": ("name", "ae_title", "host", "port"), "stow": ("name", "url")}
+# Settings whose values are secrets (masked by `lightbox config show`).
+SECRET_FIELDS = ("api_token",)
 
 # "Not set" for the roots that default under the data dir (no environment value holds a NUL).
 _UNSET = Path("\0unset")
@@ -73,7 +89,14 @@ class Settings(BaseSettings):
         default=0, description="ONNX Runtime batches run at once per model, one batcher "
         "thread each, sharing one session (0 = cores ÷ threads; both 0: one single-threaded "
         "run per core).")
-    log_level: str = Field(default="INFO")
+    log_level: str = Field(default="INFO", description="Logging level: " + ", ".join(LOG_LEVELS))
+    umask: str = Field(
+        default="077", description="File mode mask of every lightbox command (octal): 077 = "
+        "files 0600, folders 0700 (they hold patient data).")
+    worker_db_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="PostgreSQL lock, statement and idle-in-transaction "
+        "timeout of worker sessions: a worker frozen inside a transaction loses its locks "
+        "after this long (keep it under the heartbeat timeout).")
 
     # -- trainer --
     train_cache: Path | None = Field(
@@ -217,6 +240,57 @@ class Settings(BaseSettings):
         self.storage_dir = self.storage_dir.expanduser().resolve()
         self.models_dir = self.models_dir.expanduser().resolve()
         return self
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, value: str) -> str:
+        if value not in RUNTIMES:
+            raise ValueError(f"{value!r} is not one of {', '.join(RUNTIMES)}")
+        return value
+
+    @field_validator("trt_precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        if value not in TRT_PRECISIONS:
+            raise ValueError(f"{value!r} is not one of {', '.join(TRT_PRECISIONS)}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    @field_validator("umask")
+    @classmethod
+    def _umask(cls, value: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ValueError(f"{value!r} is not an octal mask such as 077")
+        return value
+
+    @field_validator("export_destinations")
+    @classmethod
+    def _destinations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Shape only (the exporter builds the destinations): a bad entry is a configuration
+        error at start, not a traceback at the first export."""
+        names = set()
+        for index, raw in enumerate(value):
+            kind = raw.get("type", "dicom")
+            if kind not in DESTINATION_KEYS:
+                raise ValueError(f"entry {index}: type {kind!r} is not one of dicom, stow")
+            missing = [k for k in DESTINATION_KEYS[kind] if not raw.get(k)]
+            if missing:
+                raise ValueError(f"entry {index} ({kind}) lacks {', '.join(missing)}")
+            if kind == "dicom" and not str(raw["port"]).isdigit():
+                raise ValueError(f"entry {index}: port {raw['port']!r} is not a number")
+            if raw["name"] in names:
+                raise ValueError(f"entry {index}: name {raw['name']!r} used twice")
+            names.add(raw["name"])
+        return value
+
+    @property
+    def file_umask(self) -> int:
+        return int(self.umask, 8)
 
     @property
     def data_path(self) -> Path:
@@ -242,10 +316,54 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.data_path / 'lightbox.db'}"
 
 
+def variable(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``LIGHTBOX_*`` variable that is no setting (a typo would otherwise be
+    ignored and its default used without a word), naming the closest known one."""
+    known = [variable(name) for name in Settings.model_fields]
+    messages = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name.startswith(TEST_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        messages.append(f"{name} is not a Lightbox setting{hint}")
+    return messages
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{variable(field)}: {message}")
+    return "; ".join(parts)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, or :class:`ConfigurationError` with one line that names
+    the variable and what it allows."""
+    environ = os.environ if environ is None else environ
+    unknown = unknown_variables(environ)
+    if unknown:
+        raise ConfigurationError("; ".join(unknown))
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError(_one_line(exc)) from None
+    except SettingsError as exc:  # a value that is not JSON where JSON is expected
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = variable(match.group(1)) if match else "a LIGHTBOX_ variable"
+        raise ConfigurationError(f"{field}: not valid JSON") from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Settings read once per process from the environment."""
-    return Settings()
+    return load_settings()
 
 
 def reload_settings() -> Settings:

@@ -46,6 +46,7 @@ class PassReport:
     jobs_lost: int = 0
     jobs_escalated: int = 0
     pixels_deleted: int = 0
+    reservations_cleared: int = 0
 
     def __bool__(self) -> bool:
         return any(vars(self).values())

@@ -102,6 +102,9 @@ def watch(settings: Settings, directory: Path, stop: threading.Event,
     observer.schedule(pending, str(directory), recursive=True)
     observer.start()
     counts: Counter[str] = Counter()
+    # Non-regular files (FIFOs, sockets, devices) quarantined but left in place (they could not
+    # be renamed away): quarantined once, not at every rescan. Keyed by inode, never by name.
+    left_in_place: set[tuple[int, int]] = set()
     next_rescan = 0.0
     log.info("watching %s", directory)
     try:
@@ -112,6 +115,8 @@ def watch(settings: Settings, directory: Path, stop: threading.Event,
                     pending.add(file)
                 next_rescan = time.monotonic() + settings.watch_rescan_seconds
             for file in pending.take_settled(settings.watch_settle_seconds):
+                if _inode(file) in left_in_place:
+                    continue
                 try:
                     result = register_file(settings, file, source="folder", move=True,
                                            root=directory)
@@ -123,6 +128,9 @@ def watch(settings: Settings, directory: Path, stop: threading.Event,
                     log.error("database unavailable, will retry: %s", type(exc).__name__)
                     continue
                 counts[result.outcome.value] += 1
+                key = _inode(file)
+                if key is not None and not file.is_symlink() and not file.is_file():
+                    left_in_place.add(key)
                 if on_result:
                     on_result(file, result)
             stop.wait(0.2)
@@ -130,6 +138,14 @@ def watch(settings: Settings, directory: Path, stop: threading.Event,
         observer.stop()
         observer.join(timeout=5)
     return counts
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _remove_empty_dirs(root: Path) -> None:

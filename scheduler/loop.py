@@ -19,7 +19,12 @@ from celery import Celery
 
 from lightbox.settings import Settings
 from scheduler.dispatch import PassReport, dispatch_ready, send_pending
-from scheduler.reconcile import escalate_waiting, requeue_stale, resend_lost
+from scheduler.reconcile import (
+    clear_finished_reservations,
+    escalate_waiting,
+    requeue_stale,
+    resend_lost,
+)
 from scheduler.retention import delete_expired_pixels
 from scheduler.route import Rule, load_rules
 
@@ -30,6 +35,7 @@ def reconcile(settings: Settings, report: PassReport) -> None:
     """The slower checks: heartbeats, lost messages, retention."""
     requeue_stale(settings, report)
     resend_lost(settings, report)
+    clear_finished_reservations(settings, report)
     report.pixels_deleted += delete_expired_pixels(settings)
 
 

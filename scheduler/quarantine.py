@@ -3,7 +3,11 @@ the database, never deleted and never allowed to stop the rest of the ingest."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
+import secrets
 import shutil
 import uuid
 from datetime import datetime, timezone
@@ -16,12 +20,34 @@ from lightbox import metrics
 from lightbox.settings import Settings
 
 log = logging.getLogger(__name__)
-MAX_NAME = 80
+KEY_FILE = "digest.key"
 
 
-def _safe_name(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[-MAX_NAME:]
-    return cleaned.lstrip(".") or "file"
+def _digest_key(settings: Settings) -> bytes:
+    """This install's secret key for name digests (created once, 0600, in the data dir)."""
+    path = settings.data_path / KEY_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path.read_bytes()
+
+
+def digest(settings: Settings, value: str) -> str:
+    """A keyed one-way digest (HMAC-SHA256, hex, 32 chars) of a file name or sender: the same
+    value matches itself, but a dictionary of patient names cannot be tried against it without
+    the key."""
+    return hmac.new(_digest_key(settings), value.encode("utf-8", "surrogateescape"),
+                    hashlib.sha256).hexdigest()[:32]
 
 
 def _study_uid_of(path: Path) -> str | None:
@@ -42,12 +68,17 @@ def _study_uid_of(path: Path) -> str | None:
 
 def quarantine_file(
     settings: Settings, session: Session, path: Path, *, code: str, reason: str, move: bool,
-    sha256: str | None = None,
+    sha256: str | None = None, sender: str | None = None,
 ) -> QuarantinedFile:
     """Put ``path`` in quarantine and record why. ``path`` may be a symlink: the link itself is
-    moved, never what it points to."""
+    moved, never what it points to. The original name (and ``sender``) are kept only as keyed
+    digests: the quarantine file is named by a random id.
+
+    A FIFO, socket or device is renamed into quarantine when ``move`` (never opened: reading a
+    FIFO would block), so a watched folder does not find it again at every rescan; where it
+    cannot be renamed, or without ``move``, it stays where it is."""
     day = datetime.now(timezone.utc).strftime("%Y%m%d")
-    target = settings.quarantine_dir / day / f"{uuid.uuid4().hex[:12]}-{_safe_name(path.name)}"
+    target = settings.quarantine_dir / day / uuid.uuid4().hex[:16]
     target.parent.mkdir(parents=True, exist_ok=True)
     size = path.lstat().st_size if path.is_symlink() else path.stat().st_size
     if path.is_symlink():
@@ -57,21 +88,35 @@ def quarantine_file(
         if move:
             path.unlink()
     elif not path.is_file():
-        # A FIFO, socket or device: nothing to keep; record it and leave it where it is
-        # (reading a FIFO would block, copying a device is meaningless).
-        target = path.absolute()
-    elif move:
-        shutil.move(str(path), str(target))
+        # A FIFO, socket or device: nothing to read (reading a FIFO would block, copying a
+        # device is meaningless). A rename never opens it.
+        if not (move and _rename(path, target)):
+            target = path.absolute().parent / "(left in place)"
     else:
-        shutil.copy2(path, target)
+        if move:
+            shutil.move(str(path), str(target))
+        else:
+            shutil.copy2(path, target)
+        # A moved or copied file keeps its source's mode (often 0644): it may hold patient data.
+        os.chmod(target, 0o600)
     row = QuarantinedFile(
-        original_name=path.name[-255:], quarantine_path=str(target), size_bytes=size,
-        sha256=sha256, reason_code=code, reason=reason,
+        name_digest=digest(settings, path.name),
+        sender_digest=digest(settings, sender) if sender else None,
+        quarantine_path=str(target), size_bytes=size, sha256=sha256, reason_code=code,
+        reason=reason,
     )
     session.add(row)
     session.add(Event(kind="file_quarantined", study_instance_uid=_study_uid_of(target),
                       detail={"code": code, "reason": reason, "path": str(target)}))
     # File names can carry patient names (exports named "DOE_JOHN.dcm"): log the quarantine id.
-    log.warning("quarantined file %s: %s (%s)", target.name.split("-", 1)[0], reason, code)
+    log.warning("quarantined file %s: %s (%s)", target.name, reason, code)
     metrics.QUARANTINED.labels(code).inc()
     return row
+
+
+def _rename(path: Path, target: Path) -> bool:
+    try:
+        os.rename(path, target)
+        return True
+    except OSError:  # another filesystem: leave it (the watcher remembers it)
+        return False

@@ -13,6 +13,10 @@ schedulers at once (rows are claimed with ``FOR UPDATE SKIP LOCKED`` on PostgreS
   older than the heartbeat timeout whose job is still queued is treated as stranded. A
   message that exists twice is harmless (only a queued job can be claimed); a lost one is
   not, so when in doubt, resend;
+- **finished reservations**: a message reserved by a worker that was killed (-9) before it
+  acknowledged stays in kombu's ``unacked`` hash until the visibility timeout (an hour by
+  default), to be redelivered for nothing. A reservation older than the heartbeat timeout
+  whose job is finished (succeeded, dead, cancelled) is removed at once;
 - **aging**: a routine job whose message has waited longer than ``stat_aging_seconds`` is sent
   once more at STAT priority, so a steady STAT load cannot starve routine work.
 """
@@ -84,6 +88,12 @@ def requeue_stale(settings: Settings, report: PassReport) -> None:
         requeued, dead = job_states.requeue_stale(
             session, timeout_seconds=settings.heartbeat_timeout_seconds,
             max_attempts=settings.job_max_attempts)
+        locked = job_states.stale_running(session,
+                                          timeout_seconds=settings.heartbeat_timeout_seconds)
+    if locked:
+        log.warning("heartbeat lost but row locked (worker frozen inside a transaction?): "
+                    "job(s) %s, requeued once its session times out "
+                    "(LIGHTBOX_WORKER_DB_TIMEOUT_SECONDS)", locked)
     report.jobs_stale += requeued
     report.jobs_dead += dead
     if requeued or dead:
@@ -108,6 +118,45 @@ def resend_lost(settings: Settings, report: PassReport) -> None:
         count = job_states.mark_unsent(session, lost)
     report.jobs_lost += count
     log.warning("%d queued job(s) had no message in Redis; resending", count)
+
+
+def clear_finished_reservations(settings: Settings, report: PassReport) -> None:
+    """Remove ``unacked`` reservations older than the heartbeat timeout whose job is finished
+    (see module docstring). A live worker holds a reservation only while its job runs, and a
+    finished job's message would only be dropped again if redelivered, so nothing is lost."""
+    client = redis_client(broker_url(settings, start=False))
+    oldest = time.time() - settings.heartbeat_timeout_seconds
+    tags = [tag for tag, _ in client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", oldest,
+                                                   withscores=True)]
+    if not tags:
+        return
+    by_job: dict[int, list[bytes]] = {}
+    for tag, raw in zip(tags, client.hmget(UNACKED_KEY, tags), strict=True):
+        if raw is None:
+            continue
+        try:
+            task_id = _task_id(json.loads(raw))
+        except (ValueError, TypeError):
+            continue
+        job_id = job_id_of_task(task_id) if task_id else None
+        if job_id is not None:
+            by_job.setdefault(job_id, []).append(tag)
+    if not by_job:
+        return
+    with session_scope(settings.sqlalchemy_url) as session:
+        finished = set(session.scalars(select(Job.id).where(
+            Job.id.in_(list(by_job)),
+            Job.state.in_([JobState.succeeded, JobState.dead, JobState.cancelled]))))
+    stale = [tag for job_id in finished for tag in by_job[job_id]]
+    if not stale:
+        return
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(UNACKED_KEY, *stale)
+    pipe.zrem(UNACKED_INDEX_KEY, *stale)
+    pipe.execute()
+    report.reservations_cleared += len(stale)
+    log.warning("%d reservation(s) of finished jobs left by lost workers removed from Redis",
+                len(stale))
 
 
 def escalate_waiting(settings: Settings, app: Celery, report: PassReport) -> None:

@@ -33,6 +33,7 @@ from lightbox.errors import IngestError, LightboxError
 from lightbox.roots import to_storage
 from lightbox.settings import Settings
 from scheduler.header import Header, read_header
+from scheduler.instance_identity import same_instance
 from scheduler.quarantine import quarantine_file
 from scheduler.storage import (
     file_sha256,
@@ -171,11 +172,16 @@ def register_file(settings: Settings, path: Path, *, source: str = "folder", mov
         header = read_header(path, max_inflated_bytes=int(settings.max_inflated_mb * 2**20))
     except IngestError as exc:
         with session_scope(url) as session:
-            quarantine_file(settings, session, path, code=exc.code, reason=str(exc), move=move)
+            quarantine_file(settings, session, path, code=exc.code, reason=str(exc), move=move,
+                            sender=source)
         return RegisterResult(Outcome.quarantined, reason=str(exc))
     stored = _stored_path(settings, header)
     sha, size = file_sha256(path)
-    if not (stored.exists() and file_sha256(stored)[0] == sha):
+    kept = _kept_as_stored(stored, path, sha)
+    if kept is not None:  # the same instance in other bytes: the stored file stays
+        sha, size = kept
+        header = read_header(stored)
+    elif not (stored.exists() and file_sha256(stored)[0] == sha):
         store_bytes_atomically(path, stored)
     with session_scope(url) as session:
         outcome, = _record_batch(session, [(Received(path, header, sha, size, source),
@@ -185,6 +191,19 @@ def register_file(settings: Settings, path: Path, *, source: str = "folder", mov
     log.info("%s %s (study %s)", outcome.value, header.sop_instance_uid,
              header.study_instance_uid)
     return RegisterResult(outcome, header.sop_instance_uid, header.study_instance_uid)
+
+
+def _kept_as_stored(stored: Path, incoming: Path, sha: str) -> tuple[str, int] | None:
+    """The stored file's (sha256, size) when ``incoming`` has other bytes but is the same
+    instance (same data set: other file meta, VR encoding or transfer syntax); None otherwise.
+    Then the stored bytes and their row stay as they are: no corrected instance, no reopened
+    study, no second inference."""
+    if not stored.is_file():
+        return None
+    stored_sha, stored_size = file_sha256(stored)
+    if stored_sha == sha or not same_instance(stored, incoming):
+        return None
+    return stored_sha, stored_size
 
 
 def vanished(settings: Settings, items: list[Received]) -> list[Received]:
@@ -211,7 +230,13 @@ def register_received(settings: Settings, items: list[Received]) -> list[Registe
     changed directories are flushed once, the rows are committed, and only then are the
     spool names removed. A crash at any point leaves the spool file in place, and registering
     it again is idempotent (a duplicate)."""
-    placed = [(item, _stored_path(settings, item.header)) for item in items]
+    placed = []
+    for item in items:
+        stored = _stored_path(settings, item.header)
+        kept = _kept_as_stored(stored, item.path, item.sha256)
+        if kept is not None:  # same instance in other bytes: recorded as the stored file
+            item = Received(item.path, read_header(stored), kept[0], kept[1], item.source)
+        placed.append((item, stored))
     changed: set[Path] = set()
     for item, stored in placed:
         changed.update(link_into_storage(item.path, stored, item.sha256))
@@ -223,7 +248,7 @@ def register_received(settings: Settings, items: list[Received]) -> list[Registe
     for item in items:
         item.path.unlink(missing_ok=True)
     results = []
-    for item, outcome in zip(items, outcomes, strict=True):
+    for (item, _), outcome in zip(placed, outcomes, strict=True):
         log.info("%s %s (study %s)", outcome.value, item.header.sop_instance_uid,
                  item.header.study_instance_uid)
         results.append(RegisterResult(outcome, item.header.sop_instance_uid,

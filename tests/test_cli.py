@@ -21,6 +21,7 @@ from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.synthetic import write_study
 from scheduler.dispatch import PassReport, dispatch_ready
+from scheduler.quarantine import digest
 from scheduler.route import load_rules
 from tests.conftest import Backend
 from worker.model_cache import ModelCache
@@ -76,7 +77,8 @@ def test_cli_ingest_results_status_models(sqlite_backend: Backend, model_bundle:
     assert status["jobs"]["succeeded"] == 4 and status["queue_depth"] == 0
     assert [q["code"] for q in status["quarantined"]] == ["not_dicom"]
     text = _run(backend, "status")
-    assert "junk.bin" in text and "not a DICOM" in text
+    assert digest(backend.settings, "junk.bin") in text and "not a DICOM" in text
+    assert "junk.bin" not in text  # a file name can be a patient's name
 
     models = json.loads(_run(backend, "models", "list", "--format", "json"))
     assert [(m["name"], m["version"], m["stage"]) for m in models] == [

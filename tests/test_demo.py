@@ -26,7 +26,8 @@ def test_demo_runs_twice(tmp_path: Path) -> None:
     assert "training the seed CNN" in first.stdout
     assert "real chest CRs (pydicom-data): 2 finding(s)" in first.stdout
     assert "throughput:" in first.stdout and "pneumonia" in first.stdout
-    assert "quarantined notes.txt" in first.stdout or "quarantined truncated.dcm" in first.stdout
+    assert "(name kept only as a digest)" in first.stdout
+    assert "notes.txt" not in first.stdout and "truncated.dcm" not in first.stdout
     assert not embedded_redis_running(Settings(data_dir=data_dir))  # it stopped what it started
 
     second = _demo(data_dir)

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from db.models import Finding, Instance, Job, JobState, QuarantinedFile, Study, StudyStatus
 from db.session import session_scope
 from lightbox.synthetic import real_chest_crs, write_ct_study, write_study
+from scheduler.quarantine import digest
 from tests.conftest import Backend, stop_processes, wait_for
 
 
@@ -83,7 +84,7 @@ def test_watched_folder_to_findings(backend: Backend, registered_model: tuple[in
             ).all()
             ct = session.scalars(select(Study).where(Study.study_instance_uid == ct_uid)).one()
             assert ct.status == StudyStatus.unrouted
-            quarantined = {q.original_name: q.reason for q in session.scalars(
+            quarantined = {q.name_digest: q.reason for q in session.scalars(
                 select(QuarantinedFile))}
         assert len(real_sops) == 2
         found: dict[str, set[str]] = {}
@@ -94,8 +95,9 @@ def test_watched_folder_to_findings(backend: Backend, registered_model: tuple[in
         assert found == expected  # every instance of every routed study, exactly once
         assert len(rows) == sum(len(v) for v in expected.values())
         assert quarantined == {
-            "report.txt": "not a DICOM Part 10 file (no 'DICM' prefix or file meta)",
-            "cut.dcm": cut_reason}
+            digest(settings, "report.txt"):
+                "not a DICOM Part 10 file (no 'DICM' prefix or file meta)",
+            digest(settings, "cut.dcm"): cut_reason}
         assert not list(inbox.rglob("*"))  # everything was taken out of the inbox
 
         results = _cli_json(backend, "results", "--format", "json")

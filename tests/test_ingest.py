@@ -27,6 +27,7 @@ from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
 from scheduler.ingest_folder import ingest_paths, watch
+from scheduler.quarantine import digest
 from scheduler.register import Outcome, RegisterResult, register_file
 
 # Writing deliberately invalid UIDs makes pydicom warn; that is the point of those files.
@@ -364,7 +365,7 @@ def test_folder_of_good_and_bad_files(settings: Settings, tmp_path: Path) -> Non
 
     # One quarantine row per bad file, with its reason, and the file itself in quarantine.
     rows = quarantined_rows(settings)
-    assert sorted(r.original_name for r in rows) == sorted(p.name for p in bad)
+    assert sorted(r.name_digest for r in rows) == sorted(digest(settings, p.name) for p in bad)
     for row in rows:
         assert row.reason_code in {"ingest", "not_dicom"}
         assert row.reason
@@ -372,7 +373,8 @@ def test_folder_of_good_and_bad_files(settings: Settings, tmp_path: Path) -> Non
         assert is_inside(quarantined, settings.quarantine_dir), row.quarantine_path
         assert os.path.lexists(quarantined)
         assert "/" not in quarantined.name and not quarantined.name.startswith(".")
-    by_name = {r.original_name: r for r in rows}
+    names = {digest(settings, p.name): p.name for p in bad}
+    by_name = {names[r.name_digest]: r for r in rows}
     assert by_name["notes.txt"].reason_code == "not_dicom"
     assert Path(by_name["notes.txt"].quarantine_path).read_text() == "patient list, not DICOM\n"
     assert by_name["empty.dcm"].size_bytes == 0
@@ -422,7 +424,7 @@ def test_path_like_names_are_quarantined_inside_quarantine_dir(
     assert result.outcome is Outcome.quarantined
     (row,) = quarantined_rows(settings)
     target = Path(row.quarantine_path)
-    assert row.original_name == name
+    assert row.name_digest == digest(settings, name)
     assert is_inside(target, settings.quarantine_dir)
     assert target.read_bytes() == b"\x00" * 300
     assert not target.name.startswith(".")
@@ -574,7 +576,7 @@ def test_watch_ingests_dropped_files_and_empties_inbox(tmp_path: Path) -> None:
     assert instance_uids(settings) == expected
     assert [p for p in inbox.rglob("*") if p.is_file()] == []
     (row,) = quarantined_rows(settings)
-    assert row.original_name == "junk.bin"
+    assert row.name_digest == digest(settings, "junk.bin")
     assert Path(row.quarantine_path).read_bytes() == b"junk" * 10
     assert outcome["counts"] == {"registered": len(expected), "quarantined": 1}
 
@@ -590,4 +592,5 @@ def test_fifo_in_ingest_folder_is_recorded_not_read(tmp_path: Path) -> None:
     assert counts["registered"] == len(study.paths) and counts["quarantined"] == 1
     with session_scope(settings.sqlalchemy_url) as session:
         [row] = session.scalars(select(QuarantinedFile)).all()
-        assert row.original_name == "pipe.dcm" and row.reason == "not a regular file"
+        assert row.name_digest == digest(settings, "pipe.dcm")
+        assert row.reason == "not a regular file"

@@ -108,7 +108,7 @@ def test_orthanc_round_trip(backend: Backend, registered_model: tuple[int, str],
             assert ds.Modality == "SR" and ds.VerificationFlag == "UNVERIFIED"
             text = str(ds.ContentSequence)
             assert "chest" in text and model_version in text
-            assert "pneumonia" in text
+            assert "Pneumonia" in text and "233604007" in text  # the label as SNOMED CT
             referenced = {ref.ReferencedSOPInstanceUID
                           for study in ds.CurrentRequestedProcedureEvidenceSequence
                           for series in study.ReferencedSeriesSequence

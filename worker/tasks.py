@@ -27,7 +27,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db.models import WorkerNode
-from db.session import session_scope
+from db.session import session_scope, set_worker_timeouts
 from db.upsert import insert_ignore
 from lightbox import metrics
 from lightbox.celery_app import make_celery
@@ -77,6 +77,7 @@ def _touch_worker(settings: Settings, runtime: str) -> None:
 def run_worker(settings: Settings | None = None, loglevel: str = "INFO",
                loader: RuntimeLoader = load_runtime) -> None:
     settings = settings or get_settings()
+    set_worker_timeouts(settings.worker_db_timeout_seconds)
     app, pipeline = build_app(settings, loader)
     runtime_kind = pipeline.cache.runtime_kind
     stop = threading.Event()

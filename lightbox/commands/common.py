@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -24,10 +25,12 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def setup_logging(settings: Settings) -> None:
+    """Log lines to stderr (stdout stays for a command's output: JSON, tables)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # 7 lines per start
 
 
 def stop_on_signals() -> threading.Event:
@@ -38,30 +41,58 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def ensure_db(settings: Settings) -> None:
+def database_label(settings: Settings) -> str:
+    """The database URL without its password (safe for logs and messages)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
+
+
+def ensure_db(settings: Settings, *, read_only: bool = False) -> None:
+    """Migrate the database (creating it if needed). ``read_only`` commands never create one:
+    a relative data dir run from the wrong folder would otherwise report an empty new database
+    as if it were the real one. In cluster mode migrations are a step of their own (`lightbox
+    db upgrade`): the schema revision is only checked."""
     from db.migrate import check_revision, upgrade
+    from lightbox.errors import ConfigurationError
 
-    if settings.cluster:  # migrations are a step of their own (`lightbox db upgrade`)
-        from lightbox.errors import ConfigurationError
-
-        try:
-            check_revision(settings.sqlalchemy_url)
-        except ConfigurationError as exc:
-            raise click.ClickException(str(exc)) from exc
+    if read_only and not _database_exists(settings):
+        raise ConfigurationError(
+            f"no Lightbox database at {database_label(settings)} (data dir "
+            f"{settings.data_path}): set LIGHTBOX_DATA_DIR / LIGHTBOX_DATABASE_URL, or create "
+            "it with `lightbox db upgrade`")
+    if settings.cluster:
+        check_revision(settings.sqlalchemy_url)
         return
     upgrade(settings.sqlalchemy_url)
 
 
+def _database_exists(settings: Settings) -> bool:
+    """A SQLite file that exists, or a server database that holds Lightbox's schema."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.sqlalchemy_url)
+    if url.get_backend_name() == "sqlite":
+        return bool(url.database) and url.database != ":memory:" and \
+            Path(str(url.database)).is_file()
+    from db.migrate import current_revision
+
+    return current_revision(settings.sqlalchemy_url) is not None
+
+
 @contextmanager
-def db_session() -> Iterator[Session]:
-    """A migrated database's session for one command; Lightbox errors become CLI errors."""
+def db_session(*, read_only: bool = False) -> Iterator[Session]:
+    """A migrated database's session for one command; Lightbox errors become CLI errors
+    (configuration errors go up to the command line's one-line handler, exit code 2)."""
     from db.session import session_scope
-    from lightbox.errors import LightboxError
+    from lightbox.errors import ConfigurationError, LightboxError
 
     settings = get_settings()
-    ensure_db(settings)
+    ensure_db(settings, read_only=read_only)
     try:
         with session_scope(settings.sqlalchemy_url) as session:
             yield session
+    except ConfigurationError:
+        raise
     except LightboxError as exc:
         raise click.ClickException(str(exc)) from exc

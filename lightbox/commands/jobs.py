@@ -38,7 +38,7 @@ def jobs_list(state: str | None, limit: int, fmt: str) -> None:
     """Newest jobs first, with attempts and the last error."""
     from db.models import Job, JobState, Study
 
-    with db_session() as session:
+    with db_session(read_only=True) as session:
         query = (select(Job.id, Study.study_instance_uid, Job.state, Job.priority, Job.attempts,
                         Job.error_code, Job.error_detail)
                  .join(Study, Job.study_id == Study.id).order_by(Job.id.desc()).limit(limit))

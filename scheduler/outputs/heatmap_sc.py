@@ -19,7 +19,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from lightbox.manifest import PreprocessSpec
 from lightbox.pixels import decode_frame, to_display
-from scheduler.outputs.common import MANUFACTURER, SC_SERIES_NUMBER, ModelInfo
+from scheduler.outputs.common import (
+    MANUFACTURER,
+    SC_SERIES_NUMBER,
+    ModelInfo,
+    complete_source,
+    naming_the_attribute,
+)
 
 # Below this the map is not drawn (keeps the anatomy readable where the model did not look).
 ALPHA_FLOOR = 0.2
@@ -57,17 +63,31 @@ def overlay(display: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 def build_heatmap_sc(source: Dataset, heatmap: np.ndarray, label: str, model: ModelInfo, *,
                      series_instance_uid: str, instance_number: int,
                      sop_instance_uid: str | None = None) -> Dataset:
-    """The SC for one source image and one label's map (``heatmap``: (h, w) in 0..1)."""
+    """The SC for one source image and one label's map (``heatmap``: (h, w) in 0..1). Raises
+    :class:`OutputBuildError` naming the source attribute it could not use."""
     display = to_display(decode_frame(source), source, PreprocessSpec())
     pixels = overlay(display, heatmap)
-    with warnings.catch_warnings():
+    source = complete_source(source)
+    with warnings.catch_warnings(), naming_the_attribute("heatmap SC"):
         # highdicom warns with the value of odd person names: patient data must not reach logs.
         warnings.simplefilter("ignore", UserWarning)
         sc = _sc_image(source, pixels, model, series_instance_uid=series_instance_uid,
                        instance_number=instance_number, sop_instance_uid=sop_instance_uid)
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    if "Laterality" not in sc:
-        sc.Laterality = source.get("Laterality", "")  # Type 2C in General Series: known or empty
+    # Laterality (Type 2C): the source's value when it has one; left out when the body part is
+    # known (an unpaired part such as CHEST must not carry it, even empty); empty only when
+    # the body part is unknown too, i.e. the side is "actually unknown".
+    body_part = str(source.get("BodyPartExamined", "") or "").strip()
+    if body_part:
+        sc.BodyPartExamined = body_part
+    laterality = str(source.get("Laterality", "") or "").strip()
+    if laterality:
+        sc.Laterality = laterality
+    elif body_part:
+        if "Laterality" in sc:
+            del sc.Laterality
+    else:
+        sc.Laterality = ""
     sc.BurnedInAnnotation = "NO"
     sc.ImageComments = f"{label} class-activation map, {model.description}; not for diagnosis"[
         :10240]

@@ -17,16 +17,40 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from scheduler.outputs.common import MANUFACTURER, SR_SERIES_NUMBER, FindingItem, ModelInfo
+from scheduler.outputs.common import (
+    MANUFACTURER,
+    SR_SERIES_NUMBER,
+    FindingItem,
+    ModelInfo,
+    complete_source,
+    naming_the_attribute,
+)
 
-# Private coding scheme for model labels (labels are the model's own vocabulary).
-SCHEME = "99LIGHTBOX"
+# Model labels with a standard code (SNOMED CT, DICOM): a PACS or reader understands these.
+STANDARD_LABELS: dict[str, hd.sr.CodedConcept] = {
+    "pneumonia": hd.sr.CodedConcept("233604007", "SCT", "Pneumonia"),
+    "cardiomegaly": hd.sr.CodedConcept("287272002", "SCT", "Cardiomegaly"),
+    "effusion": hd.sr.CodedConcept("60046008", "SCT", "Pleural effusion"),
+    "pleural_effusion": hd.sr.CodedConcept("60046008", "SCT", "Pleural effusion"),
+    "pneumothorax": hd.sr.CodedConcept("36118008", "SCT", "Pneumothorax"),
+    "nodule": hd.sr.CodedConcept("27925004", "SCT", "Nodule"),
+    "mass": hd.sr.CodedConcept("4147007", "SCT", "Mass"),
+    "edema": hd.sr.CodedConcept("79654002", "SCT", "Edema"),
+    "opacity": hd.sr.CodedConcept("112001", "DCM", "Opacity"),
+}
+# Any other label is the model's own vocabulary: a private scheme, declared in the Coding
+# Scheme Identification Sequence of every SR that uses it.
+PRIVATE_SCHEME = "99LIGHTBOX"
+PRIVATE_SCHEME_NAME = "Lightbox model labels"
 UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+SCORE = hd.sr.CodedConcept("122157", "DCM", "Probability")  # the model's score, 0..1
+THRESHOLD = hd.sr.CodedConcept("122411", "DCM", "Threshold Value")
 
 
-def _label_concept(label: str, suffix: str = "", meaning: str = "") -> hd.sr.CodedConcept:
-    value = f"{label}{suffix}"[:16]
-    return hd.sr.CodedConcept(value, SCHEME, (meaning or label)[:64])
+def label_concept(label: str) -> hd.sr.CodedConcept:
+    known = STANDARD_LABELS.get(label.lower().replace(" ", "_"))
+    return known if known is not None else hd.sr.CodedConcept(label[:16], PRIVATE_SCHEME,
+                                                               label[:64])
 
 
 def _group(finding: FindingItem, model: ModelInfo,
@@ -44,21 +68,21 @@ def _group(finding: FindingItem, model: ModelInfo,
     else:
         measurements = [
             hd.sr.Measurement(
-                name=_label_concept(finding.label, "-score", f"{finding.label} score"),
-                value=float(finding.score), unit=UNITLESS, algorithm_id=algorithm,
+                name=SCORE, value=float(finding.score), unit=UNITLESS, algorithm_id=algorithm,
                 referenced_images=referenced),
             hd.sr.Measurement(
-                name=_label_concept(finding.label, "-threshold", f"{finding.label} threshold"),
-                value=float(finding.threshold), unit=UNITLESS, algorithm_id=algorithm),
+                name=THRESHOLD, value=float(finding.threshold), unit=UNITLESS,
+                algorithm_id=algorithm),
         ]
         evaluations = [hd.sr.QualitativeEvaluation(
-            name=_label_concept(finding.label),
+            name=label_concept(finding.label),
             value=codes.SCT.Present if finding.positive else codes.SCT.Absent)]
     where = finding.sop_instance_uid or "study"
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=generate_uid(), identifier=f"{finding.label} {where}"[:64]),
         algorithm_id=algorithm,
+        finding_type=label_concept(finding.label),
         measurements=measurements,
         qualitative_evaluations=evaluations or None,
         source_images=group_sources,
@@ -73,20 +97,19 @@ def _class_items(finding: FindingItem, algorithm: hd.sr.AlgorithmIdentification,
     makes every other class absent; an indeterminate image asserts nothing."""
     distribution = finding.distribution or {}
     measurements = [
-        hd.sr.Measurement(name=_label_concept(label, "-prob", f"{label} probability"),
-                          value=float(p), unit=UNITLESS, algorithm_id=algorithm,
-                          referenced_images=referenced)
+        hd.sr.Measurement(name=label_concept(label), value=float(p), unit=UNITLESS,
+                          algorithm_id=algorithm, referenced_images=referenced)
         for label, p in distribution.items()]
     if finding.threshold > 0:
         measurements.append(hd.sr.Measurement(
-            name=_label_concept("confident", "-threshold", "confident threshold"),
-            value=float(finding.threshold), unit=UNITLESS, algorithm_id=algorithm))
+            name=THRESHOLD, value=float(finding.threshold), unit=UNITLESS,
+            algorithm_id=algorithm))
     if finding.indeterminate:
         return measurements, []
     if finding.positive:
-        return measurements, [hd.sr.QualitativeEvaluation(name=_label_concept(finding.label),
+        return measurements, [hd.sr.QualitativeEvaluation(name=label_concept(finding.label),
                                                           value=codes.SCT.Present)]
-    return measurements, [hd.sr.QualitativeEvaluation(name=_label_concept(label),
+    return measurements, [hd.sr.QualitativeEvaluation(name=label_concept(label),
                                                       value=codes.SCT.Absent)
                           for label in distribution if label != finding.label]
 
@@ -105,9 +128,17 @@ def _synthetic_comment(report: hd.sr.MeasurementReport) -> None:
 
 def build_sr(sources: Sequence[Dataset], findings: Sequence[FindingItem], model: ModelInfo,
              *, sop_instance_uid: str | None = None) -> Dataset:
-    """The SR for one job. ``sources``: the job's source instances (headers are enough)."""
+    """The SR for one job. ``sources``: the job's source instances (headers are enough).
+    Raises :class:`OutputBuildError` naming the source attribute it could not use."""
     if not sources:
         raise ValueError("an SR needs at least one source instance as evidence")
+    sources = [complete_source(ds) for ds in sources]
+    with naming_the_attribute("SR"):
+        return _build(sources, findings, model, sop_instance_uid)
+
+
+def _build(sources: Sequence[Dataset], findings: Sequence[FindingItem], model: ModelInfo,
+           sop_instance_uid: str | None) -> Dataset:
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -126,7 +157,16 @@ def build_sr(sources: Sequence[Dataset], findings: Sequence[FindingItem], model:
     with warnings.catch_warnings():
         # highdicom warns with the value of odd person names: patient data must not reach logs.
         warnings.simplefilter("ignore", UserWarning)
-        return _document(sources, report, model, sop_instance_uid)
+        document = _document(sources, report, model, sop_instance_uid)
+    labels = {f.label for f in findings} | {c for f in findings for c in f.distribution or {}}
+    if any(label_concept(label).scheme_designator == PRIVATE_SCHEME for label in labels):
+        declared = Dataset()
+        declared.CodingSchemeDesignator = PRIVATE_SCHEME
+        declared.CodingSchemeName = PRIVATE_SCHEME_NAME
+        declared.CodingSchemeResponsibleOrganization = MANUFACTURER
+        document.CodingSchemeIdentificationSequence = [
+            *document.get("CodingSchemeIdentificationSequence", []), declared]
+    return document
 
 
 def _document(sources: Sequence[Dataset], report: hd.sr.MeasurementReport, model: ModelInfo,
