@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Event, QuarantinedFile
 from lightbox import metrics
+from lightbox.limits import check_deflated
 from lightbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,16 @@ def digest(settings: Settings, value: str) -> str:
                     hashlib.sha256).hexdigest()[:32]
 
 
-def _study_uid_of(path: Path) -> str | None:
+def _study_uid_of(path: Path, max_inflated_bytes: int) -> str | None:
     """The Study Instance UID of a quarantined file when its header still names one, so the
-    study's timeline can say that one of its files was quarantined and why."""
+    study's timeline can say that one of its files was quarantined and why. A deflated file is
+    inflated (streamed) only within the configured limit: the file may be a deflate bomb."""
     if path.is_symlink() or not path.is_file():
         return None
     try:
         import pydicom
 
+        check_deflated(path, max_inflated_bytes)
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
                              specific_tags=["StudyInstanceUID"])
         uid = str(ds.get("StudyInstanceUID", "") or "")
@@ -106,7 +109,8 @@ def quarantine_file(
         reason=reason,
     )
     session.add(row)
-    session.add(Event(kind="file_quarantined", study_instance_uid=_study_uid_of(target),
+    session.add(Event(kind="file_quarantined", study_instance_uid=_study_uid_of(
+                          target, int(settings.max_inflated_mb * 2**20)),
                       detail={"code": code, "reason": reason, "path": str(target)}))
     # File names can carry patient names (exports named "DOE_JOHN.dcm"): log the quarantine id.
     log.warning("quarantined file %s: %s (%s)", target.name, reason, code)
