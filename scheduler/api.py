@@ -12,9 +12,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from lightbox.errors import ConfigurationError
+from lightbox.errors import ConfigurationError, StowRequestError
 from lightbox.settings import Settings
-from scheduler.stow import StowRequestError, response_body, stow
+from scheduler.stow import response_body, stow
 
 DICOM_JSON = "application/dicom+json"
 

@@ -25,19 +25,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from lightbox.errors import LightboxError
+from lightbox.errors import PullError, StorageFullError
 from lightbox.settings import Settings
-from scheduler.register import Outcome, StorageFullError, register_bytes
+from scheduler.register import Outcome, register_bytes
 
 log = logging.getLogger(__name__)
 
 PENDING = (0xFF00, 0xFF01)
 # Storage classes offered for C-GET (a requestor may propose at most 128 contexts).
 GET_STORAGE_CONTEXTS = StoragePresentationContexts[:120]
-
-
-class PullError(LightboxError):
-    code = "pull"
 
 
 @dataclass(frozen=True)

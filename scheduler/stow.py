@@ -19,18 +19,15 @@ from typing import Any
 
 import pydicom
 
+from lightbox.errors import StorageFullError, StowRequestError
 from lightbox.settings import Settings
-from scheduler.register import Outcome, StorageFullError, register_bytes
+from scheduler.register import Outcome, register_bytes
 
 log = logging.getLogger(__name__)
 
 CANNOT_UNDERSTAND = 0xC210
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_NOT_SUPPORTED = 0xC122
-
-
-class StowRequestError(ValueError):
-    """The request as a whole is not a STOW-RS request (HTTP 415/400)."""
 
 
 @dataclass(frozen=True)
