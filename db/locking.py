@@ -7,12 +7,12 @@ there the query runs as it is (the write lock serialises the claims instead).
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
-_Query = TypeVar("_Query", bound=Select[Any])
+_Query = TypeVar("_Query", bound=Select[Unpack[tuple[Any, ...]]])
 
 
 def skip_locked(session: Session, query: _Query, *, of: Any = None) -> _Query:

@@ -43,4 +43,5 @@ def load_heatmap(settings: Settings, job_id: int, sop_instance_uid: str) -> np.n
     path = heatmap_path(settings, job_id, sop_instance_uid)
     if not path.is_file():
         return None
-    return np.load(path).astype(np.float32)
+    heatmap: np.ndarray = np.load(path).astype(np.float32)
+    return heatmap

@@ -16,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -318,4 +318,4 @@ def to_display(array: np.ndarray, ds: Dataset, spec: PreprocessSpec) -> np.ndarr
     out = np.clip((values - low) / (high - low), 0.0, 1.0, dtype=np.float32)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
-    return out
+    return out  # type: ignore[no-any-return]

@@ -115,7 +115,7 @@ def dispatch_ready(settings: Settings, rules: list[Rule], report: PassReport) ->
             report.jobs_created += len(models)
 
 
-def claim_and_send(settings: Settings, app: Celery, query: Select[tuple[int, Priority]],
+def claim_and_send(settings: Settings, app: Celery, query: Select[int, Priority],
                    mark: Callable[[Session, list[int]], object], *, stat: bool = False) -> int:
     """Claim the jobs ``query`` selects (``(id, priority)``, at most :data:`BATCH` a time,
     skipping rows another scheduler holds), send one message each and ``mark`` them in the

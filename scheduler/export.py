@@ -130,7 +130,8 @@ def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltO
         raise LightboxError("no stored source instance for the job's study")
     model = ModelInfo(job.model.name, job.model.version)
     labels = [str(x) for x in job.model.manifest.get("labels", [])]
-    headers = [pydicom.dcmread(i.stored_path, stop_before_pixels=True) for i in instances]
+    headers = [pydicom.dcmread(i.stored_path, stop_before_pixels=True)  # type: ignore[arg-type]
+               for i in instances]
     items = [FindingItem(f.label, f.score, f.threshold, f.positive, f.sop_instance_uid)
              for f in findings]
     folder = outputs_dir(settings, job.id)
@@ -147,7 +148,7 @@ def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltO
         index = _map_index(labels, scores, cam)
         label = labels[index] if index < len(labels) else f"class {index}"
         try:
-            source = pydicom.dcmread(instance.stored_path)
+            source = pydicom.dcmread(instance.stored_path)  # type: ignore[arg-type]
             sc_uid = generate_uid()
             sc = build_heatmap_sc(source, cam[index], label, model,
                                   series_instance_uid=series_uid, instance_number=number,

@@ -171,8 +171,8 @@ def retrieve_studies(settings: Settings, studies: list[FoundStudy], *, method: s
     if method == "get":
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         for context in GET_STORAGE_CONTEXTS:
-            ae.add_requested_context(context.abstract_syntax)
-        kwargs["ext_neg"] = [build_role(c.abstract_syntax, scp_role=True)
+            ae.add_requested_context(str(context.abstract_syntax))
+        kwargs["ext_neg"] = [build_role(str(c.abstract_syntax), scp_role=True)
                              for c in GET_STORAGE_CONTEXTS]
         kwargs["evt_handlers"] = [(evt.EVT_C_STORE, _handle_get_store, [settings])]
     else:

@@ -102,7 +102,7 @@ def handle_requested(event: evt.Event, callers: list[Caller] | None) -> None:
         return
     requestor = event.assoc.requestor
     # EVT_REQUESTED fires before negotiation: the title is still only in the A-ASSOCIATE-RQ.
-    title = str(requestor.primitive.calling_ae_title).strip()
+    title = str(requestor.primitive.calling_ae_title).strip()  # type: ignore[union-attr]
     if all(c.ae_title != title for c in callers):
         return  # pynetdicom's require_calling_aet rejects it during negotiation
     if any(c.ae_title == title and (c.host is None or c.host == requestor.address)
@@ -113,7 +113,7 @@ def handle_requested(event: evt.Event, callers: list[Caller] | None) -> None:
     # Rejecting here with acse.send_reject races the socket shutdown (the peer sees an abort).
     # Renaming the caller in the request makes pynetdicom's own require_calling_aet check send
     # a proper A-ASSOCIATE-RJ (permanent, calling AE title not recognised) during negotiation.
-    requestor.primitive.calling_ae_title = REJECTED_TITLE
+    requestor.primitive.calling_ae_title = REJECTED_TITLE  # type: ignore[union-attr]
 
 
 def part10(meta: FileMetaDataset, dataset: bytes, calling: str, called: str) -> bytes:
@@ -170,7 +170,7 @@ def handle_store(event: evt.Event, settings: Settings, spool: Spool,
         try:
             request = event.request
             data = part10_prefix(str(request.AffectedSOPClassUID),
-                                 str(request.AffectedSOPInstanceUID),
+                                 str(request.AffectedSOPInstanceUID),  # type: ignore[union-attr]
                                  str(event.context.transfer_syntax), calling,
                                  settings.scp_ae_title) + event.encoded_dataset(
                 include_meta=False)
@@ -232,7 +232,7 @@ def make_ae(settings: Settings) -> AE:
     """The SCP's application entity: all storage SOP classes × all transfer syntaxes."""
     ae = AE(ae_title=settings.scp_ae_title)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(str(context.abstract_syntax), ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     ae.maximum_associations = settings.scp_max_associations
     ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from senders that honour it

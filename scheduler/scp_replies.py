@@ -42,7 +42,7 @@ def quiet_standard_handlers(log_level: str) -> bool:
     server starts, so this must run before ``start_server``."""
     quiet = logging.getLevelName(log_level.upper()) != logging.DEBUG
     _config.LOG_HANDLER_LEVEL = "none" if quiet else "standard"
-    return quiet
+    return bool(quiet)
 
 
 def store_response_pdv(primitive: Any) -> bytes | None:
@@ -124,4 +124,4 @@ def use_cached_replies(event: evt.Event) -> None:
     """``EVT_ESTABLISHED`` handler: this association's C-STORE replies come from templates."""
     dimse = event.assoc.dimse
     if not isinstance(dimse.send_msg, CachedStoreReplies):
-        dimse.send_msg = CachedStoreReplies(dimse)
+        dimse.send_msg = CachedStoreReplies(dimse)  # type: ignore[method-assign]

@@ -47,10 +47,10 @@ def split_parts(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not message.is_multipart():
         raise StowRequestError("body is not multipart")
-    parts = []
-    for part in message.iter_parts():  # type: ignore[attr-defined]
+    parts: list[tuple[str, bytes]] = []
+    for part in message.iter_parts():  # type: ignore[attr-defined,unused-ignore]
         payload = part.get_payload(decode=True) or b""
-        parts.append((part.get_content_type(), payload))
+        parts.append((part.get_content_type(), bytes(payload)))
     return parts
 
 
