@@ -262,3 +262,18 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
         stderr += "".join(traceback.format_exception(result.exception))
     return subprocess.CompletedProcess(["lightbox", *args], result.exit_code, result.stdout,
                                        stderr)
+
+
+# Whole modules whose processes are the point (the demo, the fault harness, the Orthanc peer),
+# and fixtures that train a model: their tests carry the ``slow`` marker (see the docstring).
+SLOW_MODULES = ("test_demo.py", "test_orthanc.py", "faults/")
+SLOW_FIXTURES = {"trained", "resnet"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = pytest.mark.slow
+    for item in items:
+        path = item.path.as_posix()
+        if any(path.endswith(m) or f"/{m}" in path for m in SLOW_MODULES) \
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(slow)

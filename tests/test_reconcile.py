@@ -283,6 +283,7 @@ def test_late_instance_creates_revision_and_supersedes_on_both_backends(
     assert len(everything) == 3 and sum(r["superseded"] for r in everything) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_two_schedulers_three_workers_no_duplicates(postgres_backend: Backend,
                                                     tiny_bundle: Path, tmp_path: Path) -> None:

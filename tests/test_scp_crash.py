@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
@@ -117,6 +118,7 @@ def _check_registered(backend: Backend, datasets: list[pydicom.Dataset],
     assert len(rows) == len(set(rows))  # one row per SOP Instance UID
 
 
+@pytest.mark.slow
 def test_spool_left_by_a_crash_is_registered_at_next_start(backend: Backend,
                                                            tmp_path: Path) -> None:
     datasets = ct_instances(12)
@@ -141,6 +143,7 @@ def test_spool_left_by_a_crash_is_registered_at_next_start(backend: Backend,
     assert len(reasons) == 1 and "truncated" in reasons[0], reasons
 
 
+@pytest.mark.slow
 def test_sigkill_mid_association_loses_no_acknowledged_instance(backend: Backend,
                                                                 tmp_path: Path) -> None:
     datasets = ct_instances(60)

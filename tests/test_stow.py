@@ -81,6 +81,7 @@ def test_stow_per_instance_results(backend: Backend, tmp_path: Path) -> None:
     assert quarantined == ["not_dicom"]
 
 
+@pytest.mark.slow
 def test_orthanc_stow_client(sqlite_backend: Backend, tmp_path: Path) -> None:
     require("Orthanc")
     if not DICOMWEB_PLUGIN.exists():
