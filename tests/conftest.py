@@ -120,7 +120,21 @@ def sqlite_backend(tmp_path: Path, migrated_sqlite: Path) -> Iterator[Backend]:
                         quiet_seconds=1.0)
     url = ensure_embedded_redis(settings)
     yield Backend("sqlite", settings, _env(settings), url)
-    stop_embedded_redis(settings)
+    _kill_embedded_redis(settings)
+
+
+def _kill_embedded_redis(settings: Settings) -> None:
+    """SIGKILL the data dir's embedded Redis: its data is thrown away with the temp dir, and a
+    graceful stop costs seconds per test (the client's reconnect retries after SHUTDOWN)."""
+    import signal
+
+    pidfile = settings.redis_dir / "redis.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        stop_embedded_redis(settings)  # no pid file or no /proc: the slow, portable way
 
 
 @pytest.fixture(scope="session")
@@ -173,17 +187,22 @@ def postgres_template() -> Iterator[str]:
     sessionmaker_for(url).kw["bind"].dispose()  # a template must have no connections
     yield name
     with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for spare in [*_pg_spares, name]:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{spare}" WITH (FORCE)'))
+    _pg_spares.clear()
     admin.dispose()
 
 
 @pytest.fixture
 def postgres_backend(tmp_path: Path, postgres_template: str, test_redis: str
                      ) -> Iterator[Backend]:
-    name = f"lightbox_test_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"'))
+    if _pg_spares:
+        name = _pg_spares.pop()
+    else:
+        name = f"lightbox_test_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"'))
     db_url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     redis_url = f"{test_redis}/{next(_redis_databases)}"
     redis.Redis.from_url(redis_url).flushdb()
@@ -194,9 +213,36 @@ def postgres_backend(tmp_path: Path, postgres_template: str, test_redis: str
 
     sessionmaker_for(db_url).kw["bind"].dispose()
     redis.Redis.from_url(redis_url).flushdb()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    if _emptied(admin, name, db_url):
+        _pg_spares.append(name)  # as fresh as a new copy of the template, for the next test
+    else:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+_pg_spares: list[str] = []  # emptied test databases of this session, dropped at its end
+
+
+def _emptied(admin: sa.Engine, name: str, db_url: str) -> bool:
+    """Empty every table (identities restarted) after ending the connections left to the
+    database; False when that cannot be done quickly (then the database is dropped)."""
+    with admin.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
+            tables = list(conn.scalars(sa.text(
+                "SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version'")))
+            conn.execute(sa.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        return True
+    except sa.exc.DBAPIError:
+        return False
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
