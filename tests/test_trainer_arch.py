@@ -52,6 +52,7 @@ def test_monai_network_exports_scores_and_cam(resnet: TrainResult) -> None:
         np.testing.assert_allclose(scores, 1 / (1 + np.exp(-logit)), atol=1e-5)
 
 
+@pytest.mark.slow  # builds and runs a DenseNet-121
 def test_densenet121_cam_is_its_logit_map() -> None:
     torch.manual_seed(0)
     network = build_network("densenet121", 3, 64)
