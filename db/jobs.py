@@ -24,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from db.locking import skip_locked
 from db.models import Event, Job, JobState
 
 BACKOFF_BASE_S = 5.0
@@ -39,13 +40,6 @@ def _now() -> datetime:
 
 def _event(session: Session, job: Job, kind: str, **detail: object) -> None:
     session.add(Event(kind=kind, job_id=job.id, detail={"state": job.state.value, **detail}))
-
-
-def _skip_locked(session: Session, query):  # type: ignore[no-untyped-def]
-    """Row locks that let several schedulers share the work (PostgreSQL); SQLite has one writer."""
-    if session.get_bind().dialect.name == "postgresql":
-        return query.with_for_update(skip_locked=True)
-    return query
 
 
 def backoff_seconds(attempts: int) -> float:
@@ -113,7 +107,7 @@ def requeue_stale(session: Session, *, timeout_seconds: float, max_attempts: int
     go back to queued (the outbox resends them) or, with no attempts left, dead with the reason.
     Returns (requeued, dead)."""
     cutoff = _now() - timedelta(seconds=timeout_seconds)
-    stale = session.scalars(_skip_locked(session, (
+    stale = session.scalars(skip_locked(session, (
         select(Job).where(Job.state == JobState.running, Job.heartbeat_at < cutoff)
         .order_by(Job.id).limit(STALE_BATCH))))
     requeued = dead = 0

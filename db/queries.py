@@ -77,8 +77,9 @@ def status(session: Session, limit: int | None = 50,
     for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state)):
         jobs[state.value] = count
     studies = {s.value: 0 for s in StudyStatus}
-    for state, count in session.execute(select(Study.status, func.count()).group_by(Study.status)):
-        studies[state.value] = count
+    for status, count in session.execute(select(Study.status, func.count())
+                                         .group_by(Study.status)):
+        studies[status.value] = count
     problems = session.execute(
         select(Job.id, Study.study_instance_uid, Model.name, Job.state, Job.attempts,
                Job.error_code, Job.error_detail)

@@ -4,6 +4,9 @@
     ├── ConfigurationError        settings or rules that cannot work
     ├── IngestError               a file that cannot be registered (it is quarantined)
     │   └── NotDicomError         not DICOM at all
+    ├── StorageFullError          storage full or below its floor: nothing kept (C-STORE 0xA700)
+    ├── StowRequestError          a request that is not STOW-RS as a whole (HTTP 415); a ValueError
+    ├── PullError                 the PACS cannot be queried or retrieved from
     ├── PixelDecodeError          pixels that cannot be decoded for a model
     ├── ManifestError             a model bundle that is incomplete or altered
     ├── ModelNotFoundError        no such model / no production version
@@ -34,6 +37,29 @@ class IngestError(LightboxError):
 
 class NotDicomError(IngestError):
     code = "not_dicom"
+
+
+class StorageFullError(LightboxError):
+    """Storage is full or below its free-space floor: nothing was stored or registered.
+
+    Network receivers answer it with "out of resources" (C-STORE 0xA700) so the sender retries
+    later instead of losing the instance."""
+
+    code = "storage_full"
+
+
+class StowRequestError(LightboxError, ValueError):
+    """The request as a whole is not a STOW-RS request (HTTP 415). Also a ``ValueError``: it
+    is bad input, and callers that caught it as one keep working."""
+
+    code = "stow_request"
+
+
+class PullError(LightboxError):
+    """C-FIND or C-MOVE/C-GET against the PACS failed (no association, no response, a failure
+    status)."""
+
+    code = "pull"
 
 
 class PixelDecodeError(LightboxError):

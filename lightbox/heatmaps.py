@@ -46,4 +46,5 @@ def load_heatmap(settings: Settings, job_id: int, sop_instance_uid: str) -> np.n
         path = settings.data_path / "heatmaps" / str(job_id) / f"{sop_instance_uid}.npy"
     if not path.is_file():
         return None
-    return np.load(path).astype(np.float32)
+    heatmap: np.ndarray = np.load(path).astype(np.float32)
+    return heatmap

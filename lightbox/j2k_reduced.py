@@ -108,7 +108,7 @@ def decode_reduced(codestream: bytes, header: CodestreamHeader, reduce: int) -> 
         args = tile[3]
         image._size = size
         image.tile = [ImageFile._Tile(tile[0], (0, 0, *size), tile[2],
-                                      (args[0], reduce, image.layers, args[3], args[4]))]
+                                      (args[0], reduce, image.layers, args[3], args[4]))]  # type: ignore[attr-defined,index]
         image.load()
         array = np.asarray(image)
     except Exception:  # noqa: BLE001 - any failure means "decode in full instead"

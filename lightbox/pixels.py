@@ -16,7 +16,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -59,7 +59,7 @@ def decode_frame(ds: Dataset, min_shape: tuple[int, int] | None = None) -> np.nd
     area-resize to it). The frame then comes back at the smallest power-of-two reduction that
     still covers it, as stored values averaged (what an area resize would do first anyway):
     a JPEG 2000 frame by decoding only down to that wavelet resolution level
-    (:mod:`lightbox.j2k_reduced`; ~100× faster for a chest CR going to a 224-px model), any
+    (:mod:`lightbox.j2k_reduced`: most of the codestream is never decoded), any
     other frame by averaging blocks of the full decode (:func:`block_mean`). Frames whose
     modality or VOI step is a lookup table are returned in full (a table needs the stored
     integers, not their means)."""
@@ -120,7 +120,7 @@ def _read_native_frame(ds: Dataset) -> np.ndarray | None:
     straight into the array, or ``None`` (anything else: pydicom decodes it).
 
     Why: pydicom's ``pixel_array`` reads the value into ``bytes``, copies it into an array and
-    copies it again to clear the unused high bits (~9 ms for a 1955×1841 CR); reading the
+    copies it again to clear the unused high bits (three passes over a CR's pixels); reading the
     frame at the offset pydicom recorded (its value was deferred by :func:`read_dataset`) is
     one read, and the unused bits are cleared in place with pydicom's own shifts (a signed
     value is sign-extended from *Bits Stored*), so the values are identical (tested against
@@ -165,8 +165,9 @@ def _decode_jpeg_lossless(ds: Dataset) -> np.ndarray | None:
     compressed CR and DX) decoded by libjpeg-turbo 3 (imagecodecs), or ``None`` (pydicom
     decodes it).
 
-    Why: pydicom's plugins for it (pylibjpeg-libjpeg, GDCM) took ~215 ms for the 1955×1841
-    chest CR; libjpeg-turbo ~35 ms. Lossless means one right answer, so the values are
+    Why: pydicom's plugins for it (pylibjpeg-libjpeg, GDCM) are several times slower than
+    libjpeg-turbo on a chest CR (figures in the README's performance section). Lossless means
+    one right answer, so the values are
     pydicom's exactly (tested); anything this path does not know (signed or colour data,
     a frame whose size or values do not fit the data set, no imagecodecs) goes to pydicom."""
     try:
@@ -196,8 +197,8 @@ def block_mean(array: np.ndarray, min_height: int, min_width: int) -> np.ndarray
     least ``min_height × min_width``; the array itself when ``r`` is 0.
 
     Why: the VOI window and the area resize of a 1955×1841 CR are memory passes over 3.6 M
-    float pixels (~15 ms a CR on one core, more than the rest of its preparation); averaging
-    8×8 blocks of the stored integers first is one pass (~3 ms) and leaves 244×230. The window
+    float pixels (more than the rest of its preparation); averaging 8×8 blocks of the stored
+    integers first is one pass over the integers and leaves 244×230. The window
     then comes after this average, exactly as for a JPEG 2000 frame decoded at a reduced
     wavelet level, so the two syntaxes of one image prepare alike. Only whole blocks are
     averaged: up to ``k - 1`` edge rows and columns are dropped (the JPEG 2000 path keeps
@@ -339,4 +340,4 @@ def to_display(array: np.ndarray, ds: Dataset, spec: PreprocessSpec) -> np.ndarr
     out = np.clip((values - low) / (high - low), 0.0, 1.0, dtype=np.float32)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
-    return out
+    return out  # type: ignore[no-any-return]

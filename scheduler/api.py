@@ -17,12 +17,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from starlette.concurrency import run_in_threadpool
 
 from db.session import session_scope
+from lightbox.errors import StowRequestError
 from lightbox.settings import Settings
 from scheduler.api_auth import Authenticator, Principal, load_tokens
 from scheduler.api_v1 import audit, make_router, requirer
 from scheduler.dashboard import SignInRequired, make_dashboard
 from scheduler.stow import (
-    StowRequestError,
     StowTooLarge,
     response_body,
     stage_request,

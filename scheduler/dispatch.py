@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import case, select
+from sqlalchemy import Select, case, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs as job_states
+from db.locking import skip_locked
 from db.models import Event, Instance, Job, JobState, Priority, Series, Study, StudyStatus
 from db.registry import production_model
 from db.session import session_scope
@@ -61,9 +63,7 @@ def _ready(session: Session, quiet_seconds: float) -> list[Study]:
         .limit(BATCH)
         .options(selectinload(Study.series))
     )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True, of=Study)
-    return list(session.scalars(query))
+    return list(session.scalars(skip_locked(session, query, of=Study)))
 
 
 def _series_tags(session: Session, study: Study) -> list[dict[str, object]]:
@@ -116,23 +116,36 @@ def dispatch_ready(settings: Settings, rules: list[Rule], report: PassReport) ->
             report.jobs_created += len(models)
 
 
+def claim_and_send(settings: Settings, app: Celery, query: Select[int, Priority],
+                   mark: Callable[[Session, list[int]], object], *, stat: bool = False) -> int:
+    """Claim the jobs ``query`` selects (``(id, priority)``, at most :data:`BATCH` a time,
+    skipping rows another scheduler holds), send one message each and ``mark`` them in the
+    same transaction, until the query selects none. ``stat``: send every one at STAT
+    priority (else each at its own). Returns how many were sent.
+
+    A crash after a send and before the commit leaves the job unmarked, so it is sent again:
+    a duplicate message is harmless, a lost one is not."""
+    sent = 0
+    while True:
+        with session_scope(settings.sqlalchemy_url) as session:
+            rows = list(session.execute(skip_locked(session, query)))
+            if not rows:
+                return sent
+            with app.producer_or_acquire() as producer:
+                for job_id, priority in rows:
+                    send(app, job_id, stat or priority == Priority.stat, producer)
+            mark(session, [job_id for job_id, _ in rows])
+            sent += len(rows)
+
+
 def send_pending(settings: Settings, app: Celery, report: PassReport) -> None:
     """Send every queued job that has no message yet (new, retried, or lost in a crash)."""
     with session_scope(settings.sqlalchemy_url) as session:
         report.jobs_requeued += job_states.requeue_due(session)
-    while True:
-        with session_scope(settings.sqlalchemy_url) as session:
-            query = (select(Job.id, Job.priority)
-                     .where(Job.state == JobState.queued, Job.enqueued_at.is_(None))
-                     .order_by(case((Job.priority == Priority.stat, 0), else_=1), Job.id)
-                     .limit(BATCH))
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = list(session.execute(query))
-            if not rows:
-                return
-            with app.producer_or_acquire() as producer:
-                for job_id, priority in rows:
-                    send(app, job_id, priority == Priority.stat, producer)
-            job_states.mark_enqueued(session, [job_id for job_id, _ in rows])
-            report.jobs_sent += len(rows)
+    report.jobs_sent += claim_and_send(
+        settings, app,
+        select(Job.id, Job.priority)
+        .where(Job.state == JobState.queued, Job.enqueued_at.is_(None))
+        .order_by(case((Job.priority == Priority.stat, 0), else_=1), Job.id)
+        .limit(BATCH),
+        job_states.mark_enqueued)

@@ -30,6 +30,7 @@ from sqlalchemy import exists, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.locking import skip_locked
 from db.models import (
     Export,
     ExportState,
@@ -240,9 +241,7 @@ def _due(session: Session, now: datetime) -> list[Export]:
              .where(Export.state == ExportState.pending,
                     or_(Export.not_before.is_(None), Export.not_before <= now))
              .order_by(Export.id).limit(SEND_BATCH))
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(session.scalars(query))
+    return list(session.scalars(skip_locked(session, query)))
 
 
 def _apply(settings: Settings, row: Export, result: SendResult, now: datetime) -> str:

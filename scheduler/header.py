@@ -89,7 +89,7 @@ def _check_complete(ds: Dataset) -> None:
     in reading order): checking it costs the same for 10 elements or 10,000."""
     if len(ds) == 0:
         return
-    elem = ds.get_item(next(reversed(ds.keys())))
+    elem = ds.get_item(next(reversed(list(ds.keys()))))
     if isinstance(elem, RawDataElement):
         if (elem.length != UNDEFINED_LENGTH and elem.value is not None
                 and len(elem.value) < elem.length):

@@ -25,19 +25,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from lightbox.errors import LightboxError
+from lightbox.errors import PullError, StorageFullError
 from lightbox.settings import Settings
-from scheduler.register import Outcome, StorageFullError, register_bytes
+from scheduler.register import Outcome, register_bytes
 
 log = logging.getLogger(__name__)
 
 PENDING = (0xFF00, 0xFF01)
 # Storage classes offered for C-GET (a requestor may propose at most 128 contexts).
 GET_STORAGE_CONTEXTS = StoragePresentationContexts[:120]
-
-
-class PullError(LightboxError):
-    code = "pull"
 
 
 @dataclass(frozen=True)
@@ -175,8 +171,8 @@ def retrieve_studies(settings: Settings, studies: list[FoundStudy], *, method: s
     if method == "get":
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         for context in GET_STORAGE_CONTEXTS:
-            ae.add_requested_context(context.abstract_syntax)
-        kwargs["ext_neg"] = [build_role(c.abstract_syntax, scp_role=True)
+            ae.add_requested_context(str(context.abstract_syntax))
+        kwargs["ext_neg"] = [build_role(str(c.abstract_syntax), scp_role=True)
                              for c in GET_STORAGE_CONTEXTS]
         kwargs["evt_handlers"] = [(evt.EVT_C_STORE, _handle_get_store, [settings])]
     else:

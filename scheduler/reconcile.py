@@ -37,7 +37,7 @@ from db.session import session_scope
 from lightbox.redis_server import broker_url, redis_client
 from lightbox.settings import Settings
 from lightbox.tasks import job_id_of_task, queue_keys
-from scheduler.dispatch import BATCH, PassReport, send
+from scheduler.dispatch import BATCH, PassReport, claim_and_send
 
 log = logging.getLogger(__name__)
 UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
@@ -162,19 +162,10 @@ def clear_finished_reservations(settings: Settings, report: PassReport) -> None:
 def escalate_waiting(settings: Settings, app: Celery, report: PassReport) -> None:
     """Send routine jobs that waited past the aging limit again, at STAT priority."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=settings.stat_aging_seconds)
-    while True:
-        with session_scope(settings.sqlalchemy_url) as session:
-            query = (select(Job.id)
-                     .where(Job.state == JobState.queued, Job.priority == Priority.routine,
-                            Job.enqueued_at < cutoff, Job.escalated_at.is_(None))
-                     .order_by(Job.enqueued_at, Job.id).limit(BATCH))
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            job_ids = list(session.scalars(query))
-            if not job_ids:
-                return
-            with app.producer_or_acquire() as producer:
-                for job_id in job_ids:
-                    send(app, job_id, stat=True, producer=producer)
-            job_states.mark_escalated(session, job_ids)
-            report.jobs_escalated += len(job_ids)
+    report.jobs_escalated += claim_and_send(
+        settings, app,
+        select(Job.id, Job.priority)
+        .where(Job.state == JobState.queued, Job.priority == Priority.routine,
+               Job.enqueued_at < cutoff, Job.escalated_at.is_(None))
+        .order_by(Job.enqueued_at, Job.id).limit(BATCH),
+        job_states.mark_escalated, stat=True)

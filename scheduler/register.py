@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from db.models import Event, Instance, Series, Study, StudyStatus
 from db.session import session_scope
 from db.upsert import get_or_create
-from lightbox.errors import IngestError, LightboxError
+from lightbox.errors import IngestError, StorageFullError
 from lightbox.roots import to_storage
 from lightbox.settings import Settings
 from scheduler.header import Header, read_header
@@ -254,15 +254,6 @@ def register_received(settings: Settings, items: list[Received]) -> list[Registe
         results.append(RegisterResult(outcome, item.header.sop_instance_uid,
                                       item.header.study_instance_uid))
     return results
-
-
-class StorageFullError(LightboxError):
-    """Storage is full or below its free-space floor: nothing was stored or registered.
-
-    Network receivers answer it with "out of resources" (C-STORE 0xA700) so the sender retries
-    later instead of losing the instance."""
-
-    code = "storage_full"
 
 
 def _free_mb(path: Path) -> float:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import exists, select
 
+from db.locking import skip_locked
 from db.models import Event, Instance, Job, JobState, Series, Study, StudyStatus
 from db.session import session_scope
 from lightbox.roots import stored_file
@@ -40,9 +41,7 @@ def delete_expired_pixels(settings: Settings, now: datetime | None = None) -> in
                      .where(Instance.stored_path.is_not(None), Instance.received_at < cutoff,
                             Study.status != StudyStatus.receiving, ~open_job)
                      .order_by(Instance.id).limit(BATCH))
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True, of=Instance)
-            instances = list(session.scalars(query))
+            instances = list(session.scalars(skip_locked(session, query, of=Instance)))
             if not instances:
                 return total
             paths = [stored_file(settings, i.stored_path) for i in instances if i.stored_path]

@@ -2,8 +2,8 @@
 
 Why: a sender such as ``storescu`` waits for each reply before it sends the next instance, so
 what the SCP spends per reply is spent per instance. pynetdicom builds every C-STORE-RSP
-command set as a pydicom data set and encodes it (about 1 ms of interpreter time per reply
-on a 2-core node, a tenth of an instance's whole cost). Within an association only the
+command set as a pydicom data set and encodes it (interpreter time per reply, a sizeable share
+of an instance's whole cost). Within an association only the
 message ID and the SOP instance UID change, so pynetdicom's own encoding is made once per
 (SOP class, status, UID length) around placeholders and the two values go in their places
 (:mod:`scheduler.uid_template`; the message ID is a fixed two-byte US value). Anything the template does not cover (a status comment, an
@@ -42,7 +42,7 @@ def quiet_standard_handlers(log_level: str) -> bool:
     server starts, so this must run before ``start_server``."""
     quiet = logging.getLevelName(log_level.upper()) != logging.DEBUG
     _config.LOG_HANDLER_LEVEL = "none" if quiet else "standard"
-    return quiet
+    return bool(quiet)
 
 
 def store_response_pdv(primitive: Any) -> bytes | None:
@@ -124,4 +124,4 @@ def use_cached_replies(event: evt.Event) -> None:
     """``EVT_ESTABLISHED`` handler: this association's C-STORE replies come from templates."""
     dimse = event.assoc.dimse
     if not isinstance(dimse.send_msg, CachedStoreReplies):
-        dimse.send_msg = CachedStoreReplies(dimse)
+        dimse.send_msg = CachedStoreReplies(dimse)  # type: ignore[method-assign]

@@ -41,12 +41,11 @@ from sqlalchemy.exc import OperationalError
 
 from db.models import Event
 from db.session import session_scope
-from lightbox.errors import IngestError
+from lightbox.errors import IngestError, StorageFullError
 from lightbox.settings import Settings
 from scheduler.header import MAX_INFLATED_DEFAULT, PARSE_ERRORS, read_header
 from scheduler.register import (
     Received,
-    StorageFullError,
     register_file,
     register_received,
     vanished,

@@ -28,9 +28,10 @@ from typing import Any, BinaryIO
 import pydicom
 
 from lightbox import metrics
+from lightbox.errors import StorageFullError, StowRequestError
 from lightbox.limits import check_deflated
 from lightbox.settings import Settings
-from scheduler.register import Outcome, StorageFullError, register_staged
+from scheduler.register import Outcome, register_staged
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ STOW_OUTCOMES = {None: "stored", SOP_CLASS_NOT_SUPPORTED: "unsupported",
 MAX_PART_HEADER = 16 * 1024
 # RFC 2046 says 70 characters; Orthanc's STOW client sends 73. Any bound will do.
 MAX_BOUNDARY = 256
-
-
-class StowRequestError(ValueError):
-    """The request as a whole is not a STOW-RS request (HTTP 415/400)."""
 
 
 @dataclass(frozen=True)

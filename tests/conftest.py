@@ -1,15 +1,24 @@
 """Shared fixtures: real backends and one trained model.
 
 Two backends, both real: ``sqlite`` (a SQLite file and the embedded Redis in a temp data dir)
-and ``postgres`` (a fresh PostgreSQL database and a Redis database index on the external
-servers; .ci/run starts them). URLs of the external servers can be overridden with
-``LIGHTBOX_TEST_POSTGRES_URL`` and ``LIGHTBOX_TEST_REDIS_URL``.
+and ``postgres`` (a fresh PostgreSQL database on the PostgreSQL server and a Redis database on
+this test run's own Redis server). The PostgreSQL server's URL can be overridden with
+``LIGHTBOX_TEST_POSTGRES_URL``. When it cannot be reached the PostgreSQL variants are skipped
+with the reason, except under ``CI=true``, where they fail.
+
+Fast by construction: the schema is migrated once per session, into a SQLite file that every
+SQLite backend copies and into a PostgreSQL template database that every PostgreSQL backend is
+created from (``CREATE DATABASE ... TEMPLATE``). The test run starts one ``redis-server`` of its
+own on a free port and never touches another Redis. Tests that start processes for the sake of
+processes (demo, faults, Orthanc, training, kills) carry the ``slow`` marker: the README's test
+command deselects them and ``.ci/run`` runs them after it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import random
+import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +39,7 @@ from lightbox.settings import Settings
 
 PG_ADMIN_URL = os.environ.get(
     "LIGHTBOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-EXTERNAL_REDIS = os.environ.get("LIGHTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+DB_FILE = "lightbox.db"  # the SQLite file's name in a data dir (Settings.sqlalchemy_url)
 
 
 @dataclass
@@ -68,70 +77,172 @@ def _env(settings: Settings) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to every head, once per session; data dirs get a copy."""
+    path = tmp_path_factory.mktemp("sqlite-template") / DB_FILE
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    from db.session import sessionmaker_for
+
+    sessionmaker_for(url).kw["bind"].dispose()  # no open connection, nothing left in a journal
+    return path
+
+
+def migrated_data_dir(template: Path, data_dir: Path) -> Path:
+    """``data_dir`` holding a copy of the migrated SQLite file (what ``upgrade`` would make)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, data_dir / DB_FILE)
+    return data_dir
+
+
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def settings(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Settings:
     """A migrated data dir (SQLite) shared by one test module's trainer and registry tests."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("lightbox-data"))
-    upgrade(settings.sqlalchemy_url)
-    return settings
+    return Settings(data_dir=migrated_data_dir(migrated_sqlite,
+                                               tmp_path_factory.mktemp("lightbox-data")))
 
 
 @pytest.fixture(scope="session")
-def model_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_bundle(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Path:
     """One seed-CNN bundle trained (quickly) on synthetic data, shared by all tests."""
     from trainer.train import train_seed_cnn
 
-    settings = Settings(data_dir=tmp_path_factory.mktemp("model-data"))
-    upgrade(settings.sqlalchemy_url)
+    settings = Settings(data_dir=migrated_data_dir(migrated_sqlite,
+                                                   tmp_path_factory.mktemp("model-data")))
     result = train_seed_cnn(settings, name="chest", images=240, epochs=3, seed=0)
     return Path(result.bundle_dir)
 
 
 @pytest.fixture
-def sqlite_backend(tmp_path: Path) -> Iterator[Backend]:
-    settings = Settings(data_dir=tmp_path / "data", quiet_seconds=1.0)
-    upgrade(settings.sqlalchemy_url)
+def sqlite_backend(tmp_path: Path, migrated_sqlite: Path) -> Iterator[Backend]:
+    settings = Settings(data_dir=migrated_data_dir(migrated_sqlite, tmp_path / "data"),
+                        quiet_seconds=1.0)
     url = ensure_embedded_redis(settings)
     yield Backend("sqlite", settings, _env(settings), url)
-    stop_embedded_redis(settings)
+    _kill_embedded_redis(settings)
 
 
-def _lease_redis_db() -> int:
-    """A Redis database index no other concurrently running test session is using.
+def _kill_embedded_redis(settings: Settings) -> None:
+    """SIGKILL the data dir's embedded Redis: its data is thrown away with the temp dir, and a
+    graceful stop costs seconds per test (the client's reconnect retries after SHUTDOWN)."""
+    import signal
 
-    Leases are keys in database 0 that expire, so a crashed session frees its index."""
-    lease = redis.Redis.from_url(f"{EXTERNAL_REDIS}/0")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for index in random.sample(range(1, 16), 15):
-            if lease.set(f"lightbox-test-lease:{index}", os.getpid(), nx=True, ex=1800):
-                return index
-        time.sleep(0.5)
-    raise RuntimeError("no free Redis database index for the test (all 15 leased)")
+    pidfile = settings.redis_dir / "redis.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        stop_embedded_redis(settings)  # no pid file or no /proc: the slow, portable way
+
+
+@pytest.fixture(scope="session")
+def test_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """This test run's own ``redis-server`` (no persistence) on a free port: its base URL.
+    PostgreSQL backends take its databases 1-15 in turn and flush the one they take; no other
+    Redis is touched."""
+    from tests.faults.servers import RedisServer, Unavailable
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+    except Unavailable as exc:
+        _unavailable(f"no Redis server for the tests: {exc}")
+    yield server.url.rsplit("/", 1)[0]
+    server.kill()
+
+
+_redis_databases = itertools.cycle(range(1, 16))
+
+
+def _unavailable(reason: str) -> None:
+    """Skip (a laptop without the server), or fail under ``CI=true`` (CI must run it)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    """A PostgreSQL database migrated to every head once per session (named per session, since
+    several test runs may share the server); every PostgreSQL backend is created from it."""
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
+                             connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        _unavailable(f"PostgreSQL not reachable at {sa.make_url(PG_ADMIN_URL).host}:"
+                     f"{sa.make_url(PG_ADMIN_URL).port}: {reason}")
+    name = f"lightbox_template_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    from db.session import sessionmaker_for
+
+    sessionmaker_for(url).kw["bind"].dispose()  # a template must have no connections
+    yield name
+    with admin.connect() as conn:
+        for spare in [*_pg_spares, name]:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{spare}" WITH (FORCE)'))
+    _pg_spares.clear()
+    admin.dispose()
 
 
 @pytest.fixture
-def postgres_backend(tmp_path: Path) -> Iterator[Backend]:
-    name = f"lightbox_test_{uuid.uuid4().hex[:10]}"
+def postgres_backend(tmp_path: Path, postgres_template: str, test_redis: str
+                     ) -> Iterator[Backend]:
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    if _pg_spares:
+        name = _pg_spares.pop()
+    else:
+        name = f"lightbox_test_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{postgres_template}"'))
     db_url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    redis_db = _lease_redis_db()
-    redis_url = f"{EXTERNAL_REDIS}/{redis_db}"
+    redis_url = f"{test_redis}/{next(_redis_databases)}"
     redis.Redis.from_url(redis_url).flushdb()
     settings = Settings(data_dir=tmp_path / "data", quiet_seconds=1.0, database_url=db_url,
                         redis_url=redis_url)
-    upgrade(settings.sqlalchemy_url)
     yield Backend("postgres", settings, _env(settings), redis_url)
     from db.session import sessionmaker_for
 
     sessionmaker_for(db_url).kw["bind"].dispose()
     redis.Redis.from_url(redis_url).flushdb()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    if _emptied(admin, name, db_url):
+        _pg_spares.append(name)  # as fresh as a new copy of the template, for the next test
+    else:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
-    redis.Redis.from_url(f"{EXTERNAL_REDIS}/0").delete(f"lightbox-test-lease:{redis_db}")
+
+
+_pg_spares: list[str] = []  # emptied test databases of this session, dropped at its end
+
+
+def _emptied(admin: sa.Engine, name: str, db_url: str) -> bool:
+    """Empty every table (identities restarted) after ending the connections left to the
+    database; False when that cannot be done quickly (then the database is dropped)."""
+    with admin.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+    engine = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL lock_timeout = '5s'"))
+            tables = list(conn.scalars(sa.text(
+                "SELECT quote_ident(tablename) FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version'")))
+            conn.execute(sa.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        return True
+    except sa.exc.DBAPIError:
+        return False
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -170,3 +281,45 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``lightbox ARGS`` run in this process (click's runner) with ``env`` as its environment:
+    the result of ``subprocess.run([... "-m", "lightbox.cli", *args], env=env, text=True,
+    capture_output=True)`` without a new interpreter importing everything again. For commands
+    that return (status, results, jobs, models, ingest); long-running ones need a process."""
+    from click.testing import CliRunner
+
+    from lightbox.cli import main
+    from lightbox.settings import get_settings
+
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    removed = [k for k in os.environ if k.startswith("LIGHTBOX_") and k not in env]
+    get_settings.cache_clear()
+    try:
+        result = CliRunner(env={**changed, **dict.fromkeys(removed)}).invoke(
+            main, list(args), catch_exceptions=True)
+    finally:
+        get_settings.cache_clear()
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["lightbox", *args], result.exit_code, result.stdout,
+                                       stderr)
+
+
+# Whole modules whose processes are the point (the demo, the fault harness, the Orthanc peer),
+# and fixtures that train a model: their tests carry the ``slow`` marker (see the docstring).
+SLOW_MODULES = ("test_demo.py", "test_orthanc.py", "faults/")
+SLOW_FIXTURES = {"trained", "resnet"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = pytest.mark.slow
+    for item in items:
+        path = item.path.as_posix()
+        if any(path.endswith(m) or f"/{m}" in path for m in SLOW_MODULES) \
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(slow)

@@ -134,6 +134,7 @@ def test_images_of_different_studies_share_one_runtime_call(
             assert sorted(batch["jobs"]) == sorted(jobs.values())
 
 
+@pytest.mark.slow
 def test_real_worker_batches_across_studies(
         backend: Backend, registered_model: tuple[int, str], model_bundle: Path,
         tmp_path: Path) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,14 +21,13 @@ from lightbox.synthetic import write_study
 from scheduler.dispatch import PassReport, dispatch_ready
 from scheduler.quarantine import digest
 from scheduler.route import load_rules
-from tests.conftest import Backend
+from tests.conftest import Backend, run_cli
 from worker.model_cache import ModelCache
 from worker.process import run_job
 
 
 def _run(backend: Backend, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "lightbox.cli", *args], env=backend.env,
-                         capture_output=True, text=True, timeout=120)
+    out = run_cli(backend.env, *args)  # in process: the commands, not the processes, are tested
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

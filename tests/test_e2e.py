@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import select
 
 from db.models import Finding, Instance, Job, JobState, QuarantinedFile, Study, StudyStatus
 from db.session import session_scope
 from lightbox.synthetic import real_chest_crs, write_ct_study, write_study
 from scheduler.quarantine import digest
-from tests.conftest import Backend, stop_processes, wait_for
+from tests.conftest import Backend, run_cli, stop_processes, wait_for
 
 
 def _drop(staging: Path, inbox: Path) -> None:
@@ -27,11 +26,12 @@ def _drop(staging: Path, inbox: Path) -> None:
 
 
 def _cli_json(backend: Backend, *args: str) -> object:
-    out = subprocess.run([sys.executable, "-m", "lightbox.cli", *args], env=backend.env,
-                         check=True, capture_output=True, text=True, timeout=60)
+    out = run_cli(backend.env, *args)
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_watched_folder_to_findings(backend: Backend, registered_model: tuple[int, str],
                                     tmp_path: Path) -> None:
     model_id, model_version = registered_model

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +24,7 @@ from lightbox.synthetic import write_study
 from scheduler.destinations import classify_status
 from scheduler.export import export_pass
 from scheduler.register import register_file
-from tests.conftest import Backend, stop_processes, wait_for
+from tests.conftest import Backend, run_cli, stop_processes, wait_for
 from tests.pacs_peers import dciodvfy_errors, dcmtk_env, free_port, require
 
 
@@ -102,9 +101,7 @@ def test_rejected_association_is_dead_without_retry(backend: Backend,
         assert [(r.job_id, r.kind, r.state, r.attempts, r.error_code) for r in exported] == [
             (job_id, "sr", ExportState.dead, 1, "association_rejected")]
         assert peer.requests == 1
-        status = json.loads(subprocess.run(
-            [sys.executable, "-m", "lightbox.cli", "status", "--format", "json"],
-            env=backend.env, check=True, capture_output=True, text=True, timeout=120).stdout)
+        status = json.loads(run_cli(backend.env, "status", "--format", "json").stdout)
         assert status["exports"]["dead"] == 1
         assert [(d["job_id"], d["destination"], d["error_code"])
                 for d in status["dead_exports"]] == [(job_id, "strict", "association_rejected")]

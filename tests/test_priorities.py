@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from sqlalchemy import select
 
 from db.models import Job, JobState, Priority, Study
@@ -122,6 +123,7 @@ def test_routine_is_not_starved_by_a_stat_flood(backend: Backend, tiny_model: in
     assert max(first_seen[j] for j in routine) < min(first_seen[j] for j in late)
 
 
+@pytest.mark.slow
 def test_stat_latency_below_routine_under_load(sqlite_backend: Backend, tiny_bundle: Path,
                                                tmp_path: Path) -> None:
     """Real scheduler and worker: a routine backlog, then STAT studies. STAT jobs finish with

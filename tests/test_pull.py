@@ -18,7 +18,7 @@ from sqlalchemy import select
 from db.models import Instance
 from db.session import session_scope
 from lightbox.synthetic import write_study
-from tests.conftest import Backend
+from tests.conftest import Backend, run_cli
 from tests.pacs_peers import free_port, lightbox_scp, orthanc, with_env
 
 
@@ -47,6 +47,7 @@ def _studies(tmp_path: Path) -> tuple[list[Path], list[str], list[Path]]:
     return cr_paths, cr_uids, [*old_cr_paths, ct_path]
 
 
+@pytest.mark.slow  # an Orthanc peer
 @pytest.mark.parametrize("method", ["move", "get"])
 def test_pull_by_date_and_modality(backend: Backend, tmp_path: Path, method: str) -> None:
     cr_paths, cr_uids, decoys = _studies(tmp_path)
@@ -73,7 +74,6 @@ def test_pull_by_date_and_modality(backend: Backend, tmp_path: Path, method: str
 
 def test_pull_unreachable_pacs_is_a_clear_error(sqlite_backend: Backend) -> None:
     env = with_env(sqlite_backend, LIGHTBOX_PACS_PORT=str(free_port())).env
-    out = subprocess.run([sys.executable, "-m", "lightbox.cli", "pull", "--modality", "CR"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = run_cli(env, "pull", "--modality", "CR")
     assert out.returncode != 0
     assert "is not reachable" in out.stderr and "Traceback" not in out.stderr

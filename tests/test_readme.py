@@ -24,4 +24,4 @@ def test_two_setup_commands_at_the_top() -> None:
     commands = re.findall(r"^python3 -m venv \.venv .*$", head, flags=re.M)
     assert len(commands) == 2
     assert commands[0].endswith("lightbox demo")
-    assert commands[1].endswith("python -m pytest")
+    assert commands[1].endswith('python -m pytest -m "not slow"')

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,7 +29,7 @@ from scheduler.reconcile import jobs_with_messages
 from scheduler.register import register_file
 from scheduler.retention import delete_expired_pixels
 from scheduler.route import load_rules
-from tests.conftest import Backend, stop_processes, wait_for
+from tests.conftest import Backend, run_cli, stop_processes, wait_for
 from tests.faults.model import tiny_bundle_fixture, tiny_model_fixture  # noqa: F401
 
 
@@ -59,8 +58,7 @@ def _jobs(url: str) -> list[Job]:
 
 
 def _cli(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lightbox.cli", *args], env=backend.env,
-                          capture_output=True, text=True, timeout=120)
+    return run_cli(backend.env, *args)  # in process: the commands, not the processes, are tested
 
 
 def test_task_ids_carry_the_job_id() -> None:
@@ -292,6 +290,7 @@ def test_late_instance_creates_revision_and_supersedes_on_both_backends(
     assert len(everything) == 3 and sum(r["superseded"] for r in everything) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_two_schedulers_three_workers_no_duplicates(postgres_backend: Backend,
                                                     tiny_bundle: Path, tmp_path: Path) -> None:

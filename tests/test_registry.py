@@ -179,7 +179,8 @@ def test_update_refuses_an_altered_bundle(tmp_path: Path) -> None:
 def test_models_retire_cli(tmp_path: Path) -> None:
     import os
     import subprocess
-    import sys
+
+    from tests.conftest import run_cli
 
     data = tmp_path / "data"
     bundle = tiny_bundle(tmp_path / "bundles", "chest", "v1")
@@ -187,8 +188,7 @@ def test_models_retire_cli(tmp_path: Path) -> None:
     env.pop("LIGHTBOX_DATABASE_URL", None)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "lightbox.cli", "models", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return run_cli(env, "models", *args)  # in process: the command is the point
 
     assert cli("register", str(bundle), "--promote").returncode == 0
     assert cli("retire", "chest", "v1").returncode == 0

@@ -49,6 +49,7 @@ def _pixels(path: Path) -> tuple[str, bytes]:
     return str(ds.file_meta.TransferSyntaxUID), bytes(ds.PixelData)
 
 
+@pytest.mark.slow
 def test_storescu_and_dcmsend_to_findings(backend: Backend, registered_model: tuple[int, str],
                                           tmp_path: Path) -> None:
     require("storescu", "dcmsend")
@@ -257,6 +258,7 @@ def _registrar(port: int) -> psutil.Process:
     raise AssertionError(f"no registrar process for the SCP on port {port}")
 
 
+@pytest.mark.slow
 def test_killed_registrar_process_is_replaced(sqlite_backend: Backend, tmp_path: Path) -> None:
     """Registration runs in a process of its own; if it dies, a new one takes over and the
     SCP goes on acknowledging and registering."""
@@ -276,6 +278,7 @@ def test_killed_registrar_process_is_replaced(sqlite_backend: Backend, tmp_path:
     assert "spool registrar process ended" in (tmp_path / "scp.log").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_registers_everything_acknowledged(sqlite_backend: Backend,
                                                  tmp_path: Path) -> None:
     """Ctrl-C reaches the SCP's whole process group. The registrar does not die halfway: the

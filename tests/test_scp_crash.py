@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.dsutils import encode
 from sqlalchemy import func, select, text
@@ -132,6 +133,7 @@ def _data_set_bytes(path: Path) -> bytes:
     return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):]
 
 
+@pytest.mark.slow
 def test_spool_left_by_a_crash_is_registered_at_next_start(backend: Backend,
                                                            tmp_path: Path) -> None:
     datasets = ct_instances(12)
@@ -156,6 +158,7 @@ def test_spool_left_by_a_crash_is_registered_at_next_start(backend: Backend,
     assert len(reasons) == 1 and "truncated" in reasons[0], reasons
 
 
+@pytest.mark.slow
 def test_sigkill_mid_association_loses_no_acknowledged_instance(backend: Backend,
                                                                 tmp_path: Path) -> None:
     datasets = ct_instances(60)

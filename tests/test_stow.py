@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pydicom
+import pytest
 from sqlalchemy import select
 
 from db.models import Instance, QuarantinedFile
@@ -80,6 +81,7 @@ def test_stow_per_instance_results(backend: Backend, tmp_path: Path) -> None:
     assert quarantined == ["not_dicom"]
 
 
+@pytest.mark.slow
 def test_orthanc_stow_client(sqlite_backend: Backend, tmp_path: Path) -> None:
     require_dicomweb()
     study = write_study(tmp_path / "syn", np.random.default_rng(10), label=1, images=3, size=96)

@@ -98,6 +98,7 @@ def test_trained_model_is_registered_in_production(
         assert Path(row.bundle_path) == trained.bundle_dir
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_model(trained: TrainResult, settings: Settings) -> None:
     again = train_seed_cnn(settings, images=IMAGES, epochs=EPOCHS, seed=SEED, register=False)
     assert again.version != trained.version and again.model_id is None
@@ -150,6 +151,7 @@ def test_split_is_stratified() -> None:
     assert not set(train) & set(val) and len(train) + len(val) == 100
 
 
+@pytest.mark.slow
 def test_parity_over_the_bound_fails_the_build(settings: Settings,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import trainer.export

@@ -52,6 +52,7 @@ def test_monai_network_exports_scores_and_cam(resnet: TrainResult) -> None:
         np.testing.assert_allclose(scores, 1 / (1 + np.exp(-logit)), atol=1e-5)
 
 
+@pytest.mark.slow  # builds and runs a DenseNet-121
 def test_densenet121_cam_is_its_logit_map() -> None:
     torch.manual_seed(0)
     network = build_network("densenet121", 3, 64)
@@ -79,6 +80,7 @@ def test_heads() -> None:
         build_network("vgg", 1, 64)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_model(settings: Settings, tmp_path: Path) -> None:
     config = TrainConfig(name="resume", epochs=3, batch_size=16, patience=0, seed=2)
     data = synthetic_set(80, draft_manifest(config), seed=2)
@@ -104,6 +106,7 @@ def test_interrupted_run_resumes_to_the_same_model(settings: Settings, tmp_path:
     assert not list((tmp_path / "b").glob("checkpoint-*.pt"))  # removed once the bundle exists
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epoch(settings: Settings, tmp_path: Path) -> None:
     config = TrainConfig(name="early", epochs=12, batch_size=16, patience=1, seed=0,
                          learning_rate=3e-3)
@@ -129,6 +132,7 @@ def _finished_job(url: str, study_uid: str) -> tuple[int, int] | None:
     return row.id, row.model_id
 
 
+@pytest.mark.slow
 def test_promotion_reaches_a_running_worker(
     backend: Backend, registered_model: tuple[int, str], resnet: TrainResult, tmp_path: Path
 ) -> None:

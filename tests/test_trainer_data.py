@@ -115,6 +115,7 @@ def test_threshold_policies() -> None:
         choose_threshold(scores, labels, "median")
 
 
+@pytest.mark.slow
 def test_rsna_layout_trains_end_to_end(rsna_root: Path, settings: Settings) -> None:
     config = TrainConfig(name="rsna", epochs=2, batch_size=16, seed=1,
                          threshold_policy="sensitivity:0.9")
@@ -137,6 +138,7 @@ def test_rsna_layout_trains_end_to_end(rsna_root: Path, settings: Settings) -> N
     assert result.model_id is not None
 
 
+@pytest.mark.slow
 def test_train_command_on_rsna_layout(rsna_root: Path, tmp_path: Path) -> None:
     import os
     import subprocess
@@ -164,6 +166,7 @@ def test_train_command_on_rsna_layout(rsna_root: Path, tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_multilabel_csv_trains_with_one_threshold_per_label(tmp_path: Path,
                                                            settings: Settings) -> None:
     from lightbox.synthetic import write_study

@@ -94,6 +94,7 @@ def test_outbox_sends_each_committed_job_once(env: Backend, tmp_path: Path) -> N
         assert all(j.enqueued_at is not None for j in session.scalars(select(Job)))
 
 
+@pytest.mark.slow
 def test_job_acknowledged_only_after_findings_commit(env: Backend, tmp_path: Path) -> None:
     """A real Celery worker: while its findings transaction is blocked, the message stays
     unacknowledged in Redis; once the commit goes through, it is acknowledged."""
@@ -177,6 +178,7 @@ def test_late_instance_creates_revision_and_supersedes(env: Backend, tmp_path: P
     assert len(everything) == 3 and sum(r["superseded"] for r in everything) == 1
 
 
+@pytest.mark.slow
 def test_stat_job_overtakes_routine_backlog(env: Backend, tmp_path: Path) -> None:
     """Routine jobs are queued first; a STAT job queued after them is still run first."""
     import pydicom

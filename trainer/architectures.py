@@ -45,7 +45,8 @@ def _densenet121(outputs: int, channels: int) -> GapClassifier:
 
     net = DenseNet121(spatial_dims=2, in_channels=channels, out_channels=outputs)
     # class_layers = relu → pool → flatten → out; keep the ReLU with the features.
-    return GapClassifier(nn.Sequential(net.features, nn.ReLU()), net.class_layers.out)
+    return GapClassifier(nn.Sequential(net.features, nn.ReLU()),
+                         net.class_layers.out)  # type: ignore[arg-type]
 
 
 def _resnet18(outputs: int, channels: int) -> GapClassifier:
@@ -54,7 +55,8 @@ def _resnet18(outputs: int, channels: int) -> GapClassifier:
     net = resnet18(spatial_dims=2, n_input_channels=channels, num_classes=outputs)
     stem = [net.conv1, net.bn1, net.act] + ([] if net.no_max_pool else [net.maxpool])
     return GapClassifier(
-        nn.Sequential(*stem, net.layer1, net.layer2, net.layer3, net.layer4), net.fc)
+        nn.Sequential(*stem, net.layer1, net.layer2, net.layer3, net.layer4),
+        net.fc)  # type: ignore[arg-type]
 
 
 def build_network(architecture: str, outputs: int, size: int, channels: int = 1) -> nn.Module:

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass
 class CompileReport:
     bundle_dir: Path
-    int8: dict[str, object]
+    int8: dict[str, Any]
     tensorrt_available: bool
     tensorrt_reason: str
     engines: dict[str, dict[str, object]] = field(default_factory=dict)
@@ -50,7 +51,7 @@ class CompileReport:
 
 def training_images(settings: Settings, manifest: Manifest) -> LabelledSet:
     """The bundle's training data, re-opened from its recorded source."""
-    summary = manifest.training_data
+    summary: dict[str, Any] = manifest.training_data
     if summary.get("kind") == "synthetic":
         from trainer.synthetic_dataset import synthetic_set
 
@@ -94,7 +95,7 @@ def _accuracy(scores: np.ndarray, y: np.ndarray, manifest: Manifest) -> float:
 
 
 def quantize_int8(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
-                  validation: LabelledSet) -> dict[str, object]:
+                  validation: LabelledSet) -> dict[str, Any]:
     """Write ``model.int8.onnx`` and return its accuracy change against FP32."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -123,7 +124,7 @@ def quantize_int8(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
         out.replace(bundle_dir / INT8_FILE)
     fp32 = onnx_outputs(bundle_dir / MODEL_FILE, validation.x)[0]
     int8 = onnx_outputs(bundle_dir / INT8_FILE, validation.x)[0]
-    result = {
+    result: dict[str, Any] = {
         "file": INT8_FILE, "runtime": "onnxruntime", "method": "static QDQ, per-channel "
         "QInt8 weights, QUInt8 activations, MinMax calibration",
         "calibration_images": int(len(calibration)), "validation_images": int(len(validation)),

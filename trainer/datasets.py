@@ -132,7 +132,7 @@ def csv_source(root: Path, labels_csv: Path) -> DatasetSource:
         classes = sorted({r["label"] for r in rows})
         if set(classes) <= {"0", "1"}:
             labels, task = ["label"], "binary"
-            targets = [(float(r["label"]),) for r in rows]
+            targets: list[tuple[float, ...]] = [(float(r["label"]),) for r in rows]
         else:
             labels, task = classes, "multiclass"
             targets = [tuple(float(r["label"] == c) for c in classes) for r in rows]

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from db import jobs as job_states
@@ -58,7 +58,7 @@ def write_group(settings: Settings, results: Sequence[JobResult]) -> None:
         session.execute(delete(Finding).where(Finding.job_id.in_(ids)))
         rows = [row for r in results for row in r.rows]
         if rows:
-            session.execute(Finding.__table__.insert(), rows)
+            session.execute(insert(Finding), rows)
         for job in jobs:
             if job.study_revision > 1:  # revision 1 has no older findings to supersede
                 model_name = session.scalar(select(Model.name).where(Model.id == job.model_id))
@@ -71,7 +71,7 @@ def write_group(settings: Settings, results: Sequence[JobResult]) -> None:
         events = [{"kind": "inference_batches", "job_id": r.job_id,
                    "detail": {"batches": r.batches}} for r in results if r.batches]
         if events:
-            session.execute(Event.__table__.insert(), events)
+            session.execute(insert(Event), events)
 
 
 def write_results(settings: Settings, job_id: int, rows: list[dict[str, Any]]) -> None:

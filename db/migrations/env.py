@@ -10,10 +10,11 @@ from db.session import make_engine
 config = context.config
 url = config.get_main_option("sqlalchemy.url")
 assert url, "sqlalchemy.url must be set (db.migrate.alembic_config does)"
+URL: str = url
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(url)
+    engine = make_engine(URL)
     with engine.connect() as connection:
         context.configure(
             connection=connection,

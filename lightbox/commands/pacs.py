@@ -79,7 +79,8 @@ def pull(since: str | None, until: str | None, modalities: tuple[str, ...],
     """Backfill: C-FIND studies on the configured PACS, then retrieve them (C-MOVE or C-GET)."""
     from rich.progress import Progress
 
-    from scheduler.pull import PullError, StudyQuery, find_studies, retrieve_studies
+    from lightbox.errors import PullError
+    from scheduler.pull import StudyQuery, find_studies, retrieve_studies
 
     settings = get_settings()
     setup_logging(settings)

@@ -60,7 +60,7 @@ def _progress(target: Console | None = None) -> Iterator[Any]:
         yield report
 
 
-def train_with_progress(settings: Settings, **kwargs: object):  # type: ignore[no-untyped-def]
+def train_with_progress(settings: Settings, **kwargs: Any) -> Any:
     """Train the seed CNN on SYNTHETIC images with a progress bar (used by `lightbox demo`)."""
     try:
         from trainer.train import train_seed_cnn
