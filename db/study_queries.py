@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -129,7 +129,7 @@ def derive_state(status: StudyStatus, job_states: list[JobState]) -> str:
     """The state from the study's status and the states of its dispatched revision's jobs
     (the Python twin of :func:`state_condition`, for rows already fetched)."""
     if status in (StudyStatus.receiving, StudyStatus.unrouted):
-        return status.value
+        return str(status.value)
     for name, state in (("running", JobState.running), ("failed", JobState.dead),
                         ("waiting", JobState.failed), ("queued", JobState.queued)):
         if state in job_states:
@@ -334,7 +334,7 @@ def _entry(at: datetime | None, kind: str, text: str, **extra: Any) -> dict[str,
 
 
 def _timeline(session: Session, study: Study, jobs: list[dict[str, Any]],
-              receipts: list[Any], export_rows: list[Export]) -> list[dict[str, Any]]:
+              receipts: Sequence[Any], export_rows: list[Export]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     for rev, source, n, first, _last in receipts:
         entries.append(_entry(first, "received", f"received {n} instance{'s' * (n != 1)} from "
@@ -569,9 +569,10 @@ def overview(session: Session, *, now: datetime | None = None) -> dict[str, Any]
                for w in session.scalars(select(WorkerNode).order_by(
                    WorkerNode.last_seen_at.desc()).limit(50))]
     exports = {s.value: 0 for s in ExportState}
-    for state_, count in session.execute(select(Export.state, func.count())
-                                         .where(Export.kind != "none").group_by(Export.state)):
-        exports[state_.value] = count
+    for export_state, count in session.execute(
+            select(Export.state, func.count()).where(Export.kind != "none")
+            .group_by(Export.state)):
+        exports[export_state.value] = count
     quarantined = [{"id": q.id, "at": q.at, "code": q.reason_code, "reason": q.reason}
                    for q in session.scalars(select(QuarantinedFile)
                                             .order_by(QuarantinedFile.id.desc()).limit(10))]

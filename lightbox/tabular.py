@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ def encode(header: Header, features: list[FeatureSpec]) -> np.ndarray:
     return np.asarray(parts, np.float32)
 
 
-def fit_features(headers: list[Header], keywords: list[str],
+def fit_features(headers: Sequence[Header], keywords: list[str],
                  max_categories: int = 12) -> list[FeatureSpec]:
     """Choose each keyword's encoding from training headers: numeric when most present
     values are numbers, else categorical over the most frequent values."""

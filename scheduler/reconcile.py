@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from datetime import datetime, timedelta, timezone
+from typing import cast
 
 from celery import Celery
 from sqlalchemy import select
@@ -126,8 +127,9 @@ def clear_finished_reservations(settings: Settings, report: PassReport) -> None:
     finished job's message would only be dropped again if redelivered, so nothing is lost."""
     client = redis_client(broker_url(settings, start=False))
     oldest = time.time() - settings.heartbeat_timeout_seconds
-    tags = [tag for tag, _ in client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", oldest,
-                                                   withscores=True)]
+    scored = cast(list[tuple[bytes, float]], client.zrangebyscore(
+        UNACKED_INDEX_KEY, "-inf", oldest, withscores=True))
+    tags = [tag for tag, _ in scored]
     if not tags:
         return
     by_job: dict[int, list[bytes]] = {}

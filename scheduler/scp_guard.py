@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -120,7 +120,7 @@ class BoundedDUL(DULServiceProvider):
                 self._refused, self._refused_at = True, time.monotonic()
                 self.event_queue.put("Evt19")  # invalid PDU: the state machine sends A-ABORT
                 return
-        sock.unread(header)
+        sock.unread(bytes(header))
         super()._read_pdu_data()
 
 
@@ -188,11 +188,12 @@ class GuardedServer(AssociationServer):
 def start_guarded_server(ae: AE, address: tuple[str, int], limits: PduLimits,
                          **kwargs: Any) -> GuardedServer:
     """``ae.start_server(address, block=False, **kwargs)`` with the bounds above."""
-    server = ae.make_server(address, server_class=GuardedServer,  # type: ignore[type-var]
-                            request_handler=GuardedHandler, **kwargs)
+    server = cast(GuardedServer, ae.make_server(
+        address, server_class=GuardedServer,  # type: ignore[type-var]
+        request_handler=GuardedHandler, **kwargs))
     server.limits = limits
     thread = threading.Thread(target=server.serve_forever, name="AcceptorServer@lightbox",
                               daemon=True)
     thread.start()
-    ae._servers.append(server)  # type: ignore[arg-type] - what AE.shutdown() stops
+    ae._servers.append(server)  # type: ignore[arg-type]  # what AE.shutdown() stops
     return server

@@ -69,7 +69,7 @@ def _load_headers(training: Manifest, reader: Manifest, data: Path | None,
         fitted = csv_tabular_set(Path(str(summary["root"])), Path(str(summary["labels_csv"])),
                                  keywords)
     headers = fitted.summary["headers"]
-    x = np.stack([encode(h, reader.features) for h in headers])[:, :, None, None]  # type: ignore[union-attr]
+    x = np.stack([encode(h, reader.features) for h in headers])[:, :, None, None]  # type: ignore[union-attr,attr-defined]
     return LabelledSet(x.astype(np.float32), fitted.y, fitted.patients, fitted.labels,
                        fitted.task, {})
 

@@ -246,7 +246,7 @@ def _with_features(draft: Manifest, data: LabelledSet) -> Manifest:
     features = data.summary.get("features")
     if not features:
         return draft
-    specs = [FeatureSpec.model_validate(f) for f in features]  # type: ignore[union-attr]
+    specs = [FeatureSpec.model_validate(f) for f in features]  # type: ignore[union-attr,attr-defined]
     width = sum(spec.width for spec in specs)
     return draft.model_copy(update={
         "kind": "tabular", "features": specs,
