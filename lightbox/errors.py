@@ -5,6 +5,7 @@
     ├── IngestError               a file that cannot be registered (it is quarantined)
     │   └── NotDicomError         not DICOM at all
     ├── PixelDecodeError          pixels that cannot be decoded for a model
+    │   └── VolumeGeometryError   a series whose slices do not make one regular volume (says where)
     ├── ManifestError             a model bundle that is incomplete or altered
     ├── ModelNotFoundError        no such model / no production version
     ├── RuntimeUnavailableError   the chosen model runtime cannot run on this node
@@ -36,6 +37,14 @@ class NotDicomError(IngestError):
 
 class PixelDecodeError(LightboxError):
     code = "pixel_decode"
+
+
+class VolumeGeometryError(PixelDecodeError):
+    """Slices that disagree (orientation, spacing, size), duplicate positions, a gap or irregular
+    spacing. A subclass of PixelDecodeError because retrying cannot help: the job fails at once,
+    with the reason naming the instance or the position along the slice normal."""
+
+    code = "volume_geometry"
 
 
 class ManifestError(LightboxError):
