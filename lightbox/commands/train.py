@@ -68,11 +68,20 @@ def train_with_progress(settings: Settings, **kwargs: object):  # type: ignore[n
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same config.")
 @click.option("--register/--no-register", default=True, show_default=True)
 @click.option("--promote/--no-promote", default=True, show_default=True)
+@click.option("--volume", type=click.Choice(["segmentation", "classification"]), default=None,
+              help="Train a 3-D CT model on SYNTHETIC phantoms instead (trainer/volume_train.py; "
+                   "--name defaults to ct-lesion / ct-lesion-present).")
+@click.option("--steps", default=40, show_default=True, help="Optimiser steps (--volume).")
 def train(name: str, data: Path | None, labels_csv: Path | None, images: int, architecture: str,
           size: int, epochs: int, batch_size: int, lr: float, patience: int, seed: int,
           val_fraction: float, test_fraction: float, threshold_policy: str | None,
-          version: str | None, resume: bool, register: bool, promote: bool) -> None:
+          version: str | None, resume: bool, register: bool, promote: bool,
+          volume: str | None = None, steps: int = 40) -> None:
     """Train a model, export a verified ONNX bundle, register (and promote) it."""
+    if volume is not None:
+        _train_volume(volume, None if name == "chest" else name, steps, seed, version, register,
+                      promote)
+        return
     try:
         from trainer.train import TrainConfig, load_training_data, train_model
     except ImportError as exc:
@@ -103,6 +112,29 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
         "balance": result.manifest.training_data.get("balance"),
         "seconds_per_epoch": round(result.seconds_per_epoch, 3),
         "resumed_from_epoch": result.resumed_from_epoch}))
+
+
+def _train_volume(kind: str, name: str | None, steps: int, seed: int, version: str | None,
+                  register: bool, promote: bool) -> None:
+    try:
+        from trainer.volume_train import train_volume_model
+    except ImportError as exc:
+        raise click.ClickException(f"{TRAIN_EXTRA}: {exc}") from exc
+    from lightbox.errors import LightboxError
+
+    settings = get_settings()
+    ensure_db(settings)
+    console.print(f"training a 3-D {kind} model on SYNTHETIC CT phantoms (not patient data)")
+    try:
+        with _progress() as report:
+            result = train_volume_model(settings, kind, name=name, steps=steps,  # type: ignore[arg-type]
+                                        seed=seed, version=version, register=register,
+                                        promote=promote and register, progress=report)
+    except (LightboxError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    print(to_json({"bundle": str(result.bundle_dir), "version": result.manifest.version,
+                   "metrics": result.manifest.metrics, "thresholds": result.manifest.thresholds,
+                   "seconds": round(result.seconds, 1)}))
 
 
 @click.command("compile")
