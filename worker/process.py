@@ -28,6 +28,7 @@ from lightbox.settings import Settings
 from worker.batcher import ImageResult
 from worker.model_cache import ModelCache
 from worker.pipeline import ImageRef, InlineRunner, JobRunner
+from worker.volume_job import run_volume_job, series_paths
 from worker.writer import JobResult, write_results
 
 __all__ = ["ImageRef", "run_job", "worker_name", "write_results"]
@@ -119,9 +120,14 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
         assert model_row is not None
         images = _study_images(session, job)
         bundle_path = model_row.bundle_path
+        volume_series = (series_paths(session, job)
+                         if (model_row.manifest or {}).get("volume") else None)
     runner.heartbeats.add(job_id)
     try:
         model = runner.cache.get(job.model_id, bundle_path)
+        if volume_series is not None and model.manifest.volume is not None:
+            run_volume_job(settings, runner, model, job, *volume_series)
+            return "succeeded"
         results = runner.infer_images(model, job_id, images) if images else []
         rows = _finding_rows(job, model.manifest, images, results)
         heatmaps = _save_heatmaps(settings, job_id, model.manifest, images, results)
