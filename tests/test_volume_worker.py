@@ -5,6 +5,9 @@ the job with its reason, other jobs go on."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from db.volume_tables import SeriesFinding
 from lightbox.settings import Settings
 from lightbox.synthetic_volume import make_phantom, write_series
 from scheduler.route import load_rules
+from tests.conftest import Backend
 from tests.volume_helpers import ingest_and_dispatch, oracle_bundle, phantom_truth, register
 from worker.decode_pool import DecodePool
 from worker.model_cache import ModelCache
@@ -50,7 +54,9 @@ def _rules(tmp_path: Path):  # type: ignore[no-untyped-def]
     return load_rules(path)
 
 
-def test_series_findings_match_the_phantom(tmp_path: Path, settings: Settings) -> None:
+def test_series_findings_match_the_phantom(tmp_path: Path, backend: Backend) -> None:
+    """SQLite and PostgreSQL; `lightbox results` shows the series findings."""
+    settings = backend.settings.model_copy(update={"quiet_seconds": 0})
     register(settings, oracle_bundle(tmp_path / "bundle", spacing=(1.5, 1.5, 2.5)))
     phantoms = [make_phantom((20, 48, 48), lesions=n, seed=11 + n, noise=3.0,
                              lesion_radius=(3.0, 5.0)) for n in (2, 0)]
@@ -87,6 +93,15 @@ def test_series_findings_match_the_phantom(tmp_path: Path, settings: Settings) -
         # The mask is on the source grid, in plan order (ascending z), close to the truth.
         overlap = (mask["mask"] > 0) & (truth.mask > 0)
         assert overlap.sum() >= 0.6 * truth.mask.sum()
+    shown = subprocess.run([sys.executable, "-m", "lightbox.cli", "results", "--series",
+                            "--format", "json"], env=backend.env, capture_output=True,
+                           text=True, check=True, timeout=120)
+    rows = {r["job_id"]: r for r in json.loads(shown.stdout)}
+    assert rows[jobs[0]]["lesion_count"] == 2 and rows[jobs[1]]["lesion_count"] == 0
+    table = subprocess.run([sys.executable, "-m", "lightbox.cli", "results"], env={
+        **backend.env, "COLUMNS": "200"}, capture_output=True, text=True, check=True,
+        timeout=120).stdout
+    assert "Series findings" in table and "POSITI" in table, table
 
 
 def test_bad_series_fail_with_reason_and_others_go_on(tmp_path: Path,
