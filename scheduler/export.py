@@ -48,6 +48,7 @@ from scheduler.destinations import Destination, SendResult, load_destinations
 from scheduler.outputs.common import FindingItem, ModelInfo
 from scheduler.outputs.heatmap_sc import build_heatmap_sc
 from scheduler.outputs.sr import build_sr
+from scheduler.outputs.volume_export import build_volume_objects, volume_findings
 from scheduler.route import load_rules
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,12 @@ def _save(ds: Dataset, path: Path) -> None:
 
 
 def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltObject]:
-    """Write the SR (and heatmap SCs) for ``job``; raises BUILD_ERRORS when the SR cannot be."""
+    """Write the SR (and heatmap SCs) for ``job``; raises BUILD_ERRORS when the SR cannot be.
+    Volume jobs (series findings) get a SEG and a TID 1500 SR referencing it instead."""
+    series = volume_findings(session, job)
+    if series:
+        return [BuiltObject(kind, uid, "", path) for kind, uid, path in
+                build_volume_objects(session, job, series, outputs_dir(settings, job.id))]
     findings = list(session.scalars(
         select(Finding).where(Finding.job_id == job.id).order_by(Finding.id)))
     instances = _sources(session, job, findings)
