@@ -72,11 +72,13 @@ class _Sigmoid(nn.Module):
 
 
 def build_volume_network(kind: Kind) -> nn.Module:
+    """Batch norm, not MONAI's default instance norm: instance norm rescales each small patch
+    by its own statistics and erases the absolute HU level a lesion is told apart by."""
     from monai.networks.nets import Classifier, UNet
 
     if kind == "segmentation":
         return _Sigmoid(UNet(spatial_dims=3, in_channels=1, out_channels=1,
-                             channels=(4, 8), strides=(2,), num_res_units=0), False)
+                             channels=(4, 8), strides=(2,), num_res_units=0, norm="batch"), False)
     return _Sigmoid(Classifier(in_shape=(1, *ROI), classes=1, channels=(4, 8, 16),
                                strides=(2, 2, 2)), True)
 
