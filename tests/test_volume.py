@@ -238,3 +238,22 @@ def test_sliding_window_stitches_back_the_input(tmp_path: Path, phantom: np.ndar
     assert count == len(patch_starts(grid.array.shape, spec.roi_size, spec.overlap)) > 1
     np.testing.assert_allclose(stitcher.result()[0], grid.array, atol=1e-5)
     assert crop_or_pad(grid.array, (4, 40, 8)).shape == (4, 40, 8)
+
+
+def test_manifest_volume_block_is_optional(tmp_path: Path) -> None:
+    """2-D bundles (no ``volume``) stay valid; a volume block round-trips."""
+    import json
+
+    from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
+
+    plain = Manifest(name="chest", version="1", architecture="seed_cnn",
+                     input=InputSpec(height=64, width=64), preprocessing=PreprocessSpec(),
+                     labels=["pneumonia"], thresholds={"pneumonia": 0.5})
+    data = json.loads(plain.model_dump_json())
+    del data["volume"]
+    assert Manifest.model_validate(data).volume is None
+    spec = VolumeSpec(spacing=(1, 1, 2.5), window_center=40, window_width=400,
+                      roi_size=(16, 32, 32))
+    loaded = Manifest.model_validate_json(
+        plain.model_copy(update={"volume": spec}).model_dump_json())
+    assert loaded.volume == spec and loaded.volume.mode == "sliding_window"
