@@ -68,6 +68,8 @@ class VolumeSpec(BaseModel):
     min_slices: int = 8
     segment_threshold: float = Field(default=0.5, description="probability above which a voxel "
                                      "is lesion (segmentation)")
+    min_lesion_ml: float = Field(default=0.0, ge=0.0, description="connected components "
+                                 "smaller than this are not lesions (speckle), in mL")
 
 
 class Manifest(BaseModel):

@@ -257,3 +257,20 @@ def test_manifest_volume_block_is_optional(tmp_path: Path) -> None:
     loaded = Manifest.model_validate_json(
         plain.model_copy(update={"volume": spec}).model_dump_json())
     assert loaded.volume == spec and loaded.volume.mode == "sliding_window"
+
+
+def test_measure_drops_speckle_below_min_volume() -> None:
+    from lightbox.volume import Volume
+    from worker.volume_job import measure
+
+    mask = np.zeros((10, 20, 20), np.uint8)
+    mask[2:6, 5:10, 5:10] = 1  # 100 voxels of 2 mm³ = 0.2 mL
+    mask[8, 15, 15] = 1  # one speckle voxel
+    geometry = Volume(array=mask, origin=(0, 0, 0), spacing=(1.0, 1.0, 2.0),
+                      direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert measure(mask.copy(), geometry).count == 2
+    kept = mask.copy()
+    lesions = measure(kept, geometry, min_lesion_ml=0.01)
+    assert lesions.count == 1 and lesions.volume_ml == pytest.approx(0.2)
+    assert kept.sum() == 100 and kept[8, 15, 15] == 0
+    assert lesions.centroid == pytest.approx((7.0, 7.0, 7.0))

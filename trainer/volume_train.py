@@ -88,7 +88,7 @@ def volume_spec(kind: Kind) -> VolumeSpec:
                       mode="sliding_window" if kind == "segmentation" else "fixed",
                       roi_size=ROI, overlap=0.25,
                       output="segmentation" if kind == "segmentation" else "classification",
-                      min_slices=8)
+                      min_slices=8, min_lesion_ml=0.3)
 
 
 def synthetic_volumes(count: int, seed: int, spec: VolumeSpec, lesion_fraction: float = 0.5

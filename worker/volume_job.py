@@ -176,8 +176,9 @@ def mask_on_source(probabilities: np.ndarray, grid: Volume, source: Volume,
     return (values > int(round(threshold * 255))).astype(np.uint8)
 
 
-def measure(mask: np.ndarray, geometry: Volume) -> Lesions:
-    """Connected lesions of ``mask`` (on ``geometry``'s grid) in physical units."""
+def measure(mask: np.ndarray, geometry: Volume, min_lesion_ml: float = 0.0) -> Lesions:
+    """Connected lesions of ``mask`` (on ``geometry``'s grid) in physical units; components
+    smaller than ``min_lesion_ml`` are removed from ``mask`` (in place) and not counted."""
     image = sitk.GetImageFromArray(mask)
     image.SetOrigin(geometry.origin)
     image.SetSpacing(geometry.spacing)
@@ -187,6 +188,11 @@ def measure(mask: np.ndarray, geometry: Volume) -> Lesions:
     stats.ComputeFeretDiameterOn()
     stats.Execute(labels)
     ids = list(stats.GetLabels())
+    small = [i for i in ids if stats.GetPhysicalSize(i) < min_lesion_ml * 1000.0]
+    if small:
+        components = sitk.GetArrayViewFromImage(labels)
+        mask[np.isin(components, small)] = 0
+        ids = [i for i in ids if i not in set(small)]
     if not ids:
         return Lesions(0, 0.0, None, None)
     sizes = {i: stats.GetPhysicalSize(i) for i in ids}
@@ -242,7 +248,7 @@ def run_volume_job(settings: Settings, runner: Any, model: Any, job: Job,
         shape = (len(plan.slices), plan.slices[0].rows, plan.slices[0].columns)
         source.array = np.empty(shape, np.uint8)  # only its shape is read for the grid
         mask = mask_on_source(probabilities, grid, source, spec.segment_threshold)
-        lesions = measure(mask, source)
+        lesions = measure(mask, source, spec.min_lesion_ml)
         score = float(probabilities.max()) if probabilities.size else 0.0
         threshold = spec.segment_threshold
         row = _row(job, series_uid, lesion_label, score, threshold)
