@@ -41,6 +41,7 @@ from db.models import (
     Study,
 )
 from db.session import session_scope
+from db.volume_tables import JobSeries
 from lightbox.errors import LightboxError
 from lightbox.heatmaps import load_heatmap
 from lightbox.settings import Settings
@@ -87,10 +88,15 @@ def _destinations_for(session: Session, settings: Settings, job: Job,
     without an ``export`` list on any of them, results go to every destination."""
     rules = load_rules(settings.rules_file)
     tags = [s.tags for s in session.scalars(select(Series).where(Series.study_id == job.study_id))]
+    # A series-level rule's ranges read pseudo-tags (Slices) the stored tags lack: the job
+    # records which rule chose its series.
+    by_series_rule = session.get(JobSeries, job.id)
     chosen: set[str] = set()
     explicit = False
     for rule in rules:
-        if job.model.name in rule.models and any(rule.matches(t) for t in tags):
+        if job.model.name in rule.models and (
+                (by_series_rule is not None and rule.name == by_series_rule.rule)
+                or any(rule.matches(t) for t in tags)):
             if rule.export is not None:
                 explicit = True
                 chosen.update(rule.export)

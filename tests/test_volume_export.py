@@ -30,6 +30,7 @@ rules:
     match: {Modality: [CT]}
     range: {Slices: [4, null]}
     models: [ct-lesion]
+    export: [pacs]
 """
 
 
@@ -58,10 +59,13 @@ def test_seg_and_sr_validate_and_orthanc_accepts_them(tmp_path: Path) -> None:
         configured = settings.model_copy(update={
             "rules_file": rules_file, "export_destinations": [
                 {"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title,
-                 "host": "127.0.0.1", "port": pacs.dicom_port}]})
-        assert build_pass(configured) == 2
+                 "host": "127.0.0.1", "port": pacs.dicom_port},
+                {"name": "elsewhere", "type": "dicom", "ae_title": "NOBODY",
+                 "host": "127.0.0.1", "port": 9}]})
+        assert build_pass(configured) == 2  # the series rule's export list: pacs only
         with session_scope(settings.sqlalchemy_url) as session:
             built = {e.kind: e for e in session.scalars(select(Export))}
+            assert {e.destination for e in session.scalars(select(Export))} == {"pacs"}
         assert set(built) == {"seg", "sr"}
         seg_path, sr_path = Path(str(built["seg"].path)), Path(str(built["sr"].path))
         assert dciodvfy_errors(seg_path) == []
