@@ -336,12 +336,19 @@ def load_series(paths: Iterable[Path | str], spacing_tolerance: float = SPACING_
 
 def resample(volume: Volume, spacing: Sequence[float] | None = None,
              orientation: str | None = None, interpolator: str = "linear",
-             fill: float | None = None) -> Volume:
+             fill: float | None = None, release: bool = False) -> Volume:
     """``volume`` on a grid of ``spacing`` (x, y, z mm) and ``orientation`` (a DICOM/ITK code
     such as "LPS": the directions the i, j, k axes point to; axes are permuted and flipped, an
-    oblique grid stays oblique). ``fill`` defaults to the volume's minimum (air for CT)."""
+    oblique grid stays oblique). ``fill`` defaults to the volume's minimum (air for CT).
+
+    ``release``: drop ``volume.array`` once SimpleITK holds its copy (the worker's case), so the
+    source volume exists once, not twice, while it is resampled; the geometry stays."""
+    fill = float(volume.array.min()) if fill is None else fill
     image = volume.to_sitk()
-    if orientation:
+    if release:
+        volume.array = np.empty((0, 0, 0), np.float32)
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    if orientation and orientation.upper() != current:
         image = sitk.DICOMOrient(image, orientation.upper())
     if spacing is not None:
         old_spacing = np.asarray(image.GetSpacing())
@@ -350,7 +357,7 @@ def resample(volume: Volume, spacing: Sequence[float] | None = None,
         image = sitk.Resample(
             image, [int(s) for s in size], sitk.Transform(), _interpolator(interpolator),
             image.GetOrigin(), [float(s) for s in new_spacing], image.GetDirection(),
-            float(volume.array.min() if fill is None else fill), sitk.sitkFloat32)
+            fill, sitk.sitkFloat32)
     return Volume.from_sitk(image, volume.sources)
 
 

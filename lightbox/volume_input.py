@@ -27,9 +27,11 @@ def window(array: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def model_grid(volume: Volume, spec: VolumeSpec) -> Volume:
-    """The volume resampled to the model's spacing and orientation, windowed to 0..1."""
-    resampled = resample(volume, spacing=spec.spacing, orientation=spec.orientation)
+def model_grid(volume: Volume, spec: VolumeSpec, release: bool = False) -> Volume:
+    """The volume resampled to the model's spacing and orientation, windowed to 0..1
+    (``release``: see :func:`lightbox.volume.resample`)."""
+    resampled = resample(volume, spacing=spec.spacing, orientation=spec.orientation,
+                         release=release)
     resampled.array = window(resampled.array, spec.window_center, spec.window_width)
     return resampled
 

@@ -85,23 +85,32 @@ def series_paths(session: Any, job: Job) -> tuple[str, list[str]]:
     return series_uid, [str(p) for p in paths]
 
 
-def decode_volume(plan: VolumePlan, decoder: Any) -> Volume:
-    """Decode the plan's files in the decode pool (one task per file, in parallel), filling one
-    float32 array in place; a corrupt slice fails the job naming its instance."""
+def decode_volume(plan: VolumePlan, decoder: Any, in_flight: int = 8) -> Volume:
+    """Decode the plan's files in the decode pool (one task per file, ``in_flight`` at a time,
+    in parallel), each result copied into one float32 array as it arrives and then dropped, so
+    decoded slices never pile up beside the volume; a corrupt slice fails the job naming its
+    instance."""
     by_file: dict[str, list[int]] = {}
     for index, ref in enumerate(plan.slices):
         by_file.setdefault(ref.path, []).append(index)
     array = np.empty(plan.shape, dtype=np.float32)
-    futures: list[tuple[list[int], Future[list[np.ndarray]]]] = []
-    for indices in by_file.values():
-        refs = [plan.slices[i] for i in indices]
-        futures.append((indices, decoder.submit_call(decode_file_slices, refs)))
+    pending: deque[tuple[list[int], Future[list[np.ndarray]]]] = deque()
+
+    def settle() -> None:
+        indices, future = pending.popleft()
+        for index, values in zip(indices, future.result(), strict=True):
+            array[index] = values
+
     try:
-        for indices, future in futures:
-            for index, values in zip(indices, future.result(), strict=True):
-                array[index] = values
+        for indices in by_file.values():
+            refs = [plan.slices[i] for i in indices]
+            pending.append((indices, decoder.submit_call(decode_file_slices, refs)))
+            while len(pending) >= in_flight:
+                settle()
+        while pending:
+            settle()
     except BaseException:
-        for _, future in futures:
+        for _, future in pending:
             future.cancel()
         raise
     return Volume(array=array, origin=plan.origin, spacing=plan.spacing,
@@ -161,19 +170,21 @@ def _run_chunk(model: Any, chunk: list[tuple[tuple[int, int, int], np.ndarray]],
 def mask_on_source(probabilities: np.ndarray, grid: Volume, source: Volume,
                    threshold: float) -> np.ndarray:
     """Model-grid probabilities → uint8 mask on the source grid (linear, then threshold),
-    never a float32 array of the source's size."""
+    never a float32 array of the source's size: one uint8 resampled image and the mask."""
     image = sitk.GetImageFromArray(np.clip(probabilities * 255.0, 0, 255).astype(np.uint8))
     image.SetOrigin(grid.origin)
     image.SetSpacing(grid.spacing)
     image.SetDirection(grid.direction)
-    reference = sitk.Image([int(n) for n in source.array.shape[::-1]], sitk.sitkUInt8)
-    reference.SetOrigin(source.origin)
-    reference.SetSpacing(source.spacing)
-    reference.SetDirection(source.direction)
-    out = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                        sitk.sitkUInt8)
-    values = sitk.GetArrayFromImage(out)
-    return (values > int(round(threshold * 255))).astype(np.uint8)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(n) for n in source.array.shape[::-1]])
+    resampler.SetOutputOrigin(source.origin)
+    resampler.SetOutputSpacing(source.spacing)
+    resampler.SetOutputDirection(source.direction)
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(0)
+    resampler.SetOutputPixelType(sitk.sitkUInt8)
+    out = resampler.Execute(image)
+    return (sitk.GetArrayViewFromImage(out) > int(round(threshold * 255))).view(np.uint8)
 
 
 def measure(mask: np.ndarray, geometry: Volume, min_lesion_ml: float = 0.0) -> Lesions:
@@ -225,9 +236,8 @@ def run_volume_job(settings: Settings, runner: Any, model: Any, job: Job,
         raise VolumeGeometryError(f"series {series_uid} has {len(plan.slices)} slices; the "
                                   f"model needs at least {spec.min_slices}")
     decoder = getattr(runner, "decoder", None) or _InlineCalls()
-    source = decode_volume(plan, decoder)
-    grid = model_grid(source, spec)
-    source.array = np.empty((0, 0, 0), np.float32)  # free the HU volume; keep the geometry
+    source = decode_volume(plan, decoder, in_flight=4 * max(1, int(getattr(decoder, "workers", 1))))
+    grid = model_grid(source, spec, release=True)  # the HU volume freed; geometry kept
     lesion_label = manifest.labels[0]
     rows: list[dict[str, Any]] = []
     mask_file = None
@@ -245,10 +255,17 @@ def run_volume_job(settings: Settings, runner: Any, model: Any, job: Job,
     else:
         probabilities = infer_patches(runner, model, job.id, grid.array, spec,
                                       manifest.output_name)
+        # Lesions are measured on the model grid (small); speckle removed there is removed
+        # from the probabilities too, then the mask goes back to the source grid for the SEG.
+        grid_mask = (probabilities > spec.segment_threshold).view(np.uint8)
+        before = grid_mask.copy()
+        lesions = measure(grid_mask, grid, spec.min_lesion_ml)
+        probabilities[(before > 0) & (grid_mask == 0)] = 0.0
+        del before
         shape = (len(plan.slices), plan.slices[0].rows, plan.slices[0].columns)
-        source.array = np.empty(shape, np.uint8)  # only its shape is read for the grid
-        mask = mask_on_source(probabilities, grid, source, spec.segment_threshold)
-        lesions = measure(mask, source, spec.min_lesion_ml)
+        source.array = np.empty((0, 0, 0), np.uint8)
+        mask = mask_on_source(probabilities, grid, _shaped(source, shape),
+                              spec.segment_threshold)
         score = float(probabilities.max()) if probabilities.size else 0.0
         threshold = spec.segment_threshold
         row = _row(job, series_uid, lesion_label, score, threshold)
@@ -266,6 +283,13 @@ def run_volume_job(settings: Settings, runner: Any, model: Any, job: Job,
     log.info("volume job %s: series of %d slices, %d finding(s)", job.id, len(plan.slices),
              len(rows))
     return len(rows)
+
+
+def _shaped(volume: Volume, shape: tuple[int, int, int]) -> Volume:
+    """The volume's geometry with an array of ``shape`` that takes no memory (a broadcast view:
+    only its shape is read)."""
+    return Volume(array=np.broadcast_to(np.zeros((), np.uint8), shape), origin=volume.origin,
+                  spacing=volume.spacing, direction=volume.direction, sources=volume.sources)
 
 
 def _row(job: Job, series_uid: str, label: str, score: float, threshold: float
