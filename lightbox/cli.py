@@ -152,23 +152,37 @@ def worker() -> None:
 @click.option("--since", type=click.DateTime(), help="Findings created at or after (UTC).")
 @click.option("--all", "include_superseded", is_flag=True, help="Include superseded findings.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--series", "series_level", is_flag=True,
+              help="JSON/CSV: series-level findings of volume models instead (the table shows "
+                   "both).")
 def results(study_uid: str | None, label: str | None, min_score: float | None,
-            since: datetime | None, include_superseded: bool, fmt: str) -> None:
+            since: datetime | None, include_superseded: bool, fmt: str,
+            series_level: bool = False) -> None:
     """Query findings."""
     from db.queries import findings
+    from db.volume_queries import series_findings
+    from lightbox.output import series_findings_table
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
     with db_session(read_only=True) as session:
         rows = findings(session, study_uid=study_uid, label=label, min_score=min_score,
                         since=since, include_superseded=include_superseded)
+        series_rows = series_findings(session, study_uid=study_uid, label=label,
+                                      min_score=min_score, since=since,
+                                      include_superseded=include_superseded)
         state = None
-        if study_uid and not rows:
+        if study_uid and not rows and not series_rows:
             from db.study_queries import study_detail
 
             detail = study_detail(session, study_uid)
             state = "not known" if detail is None else detail["state"]
+    if series_level and fmt != "table":
+        print_rows(console, series_rows, fmt)
+        return
     print_rows(console, rows, fmt)
+    if fmt == "table" and series_rows:
+        console.print(series_findings_table(series_rows))
     if state is not None:  # on stderr: the table/JSON/CSV on stdout stays parseable
         click.echo(f"no findings: study {study_uid} is {state}; why: lightbox explain "
                    f"{study_uid}", err=True)

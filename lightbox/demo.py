@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
@@ -91,7 +92,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _make_inputs(settings: Settings, studies: int) -> tuple[list[str], str, str, int]:
+def _make_inputs(settings: Settings, studies: int, uids_volume: list[str]
+                 ) -> tuple[list[str], str, str, int]:
     """Write the demo's files into a staging folder; return (routed study UIDs, real CR study,
     CT study, image count)."""
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -107,6 +109,20 @@ def _make_inputs(settings: Settings, studies: int) -> tuple[list[str], str, str,
     uids.append(real_uid)
     images += len(real_paths)
     ct_uid = write_ct_study(staging)
+    # A SYNTHETIC CT series (phantom with a lesion) whose slices arrive in shuffled order,
+    # routed by the packaged series rule to the volume models.
+    from lightbox.synthetic_volume import make_phantom, write_series
+
+    phantom = make_phantom((24, 64, 64), lesions=1, seed=int(rng.integers(1 << 30)), noise=8.0,
+                           lesion_radius=(3.0, 5.0))
+    volume_paths = write_series(phantom.hu, staging / "ct-volume", spacing=(2.0, 2.0, 2.5),
+                                shuffle_seed=int(rng.integers(1 << 30)),
+                                description="SYNTHETIC phantom CT")
+    uids_volume.append(str(pydicom.dcmread(volume_paths[0],
+                                           stop_before_pixels=True).StudyInstanceUID))
+    for index, path in enumerate(volume_paths):  # flat, shuffled names in the inbox
+        path.rename(staging / f"ctvol-{index:03d}-{uuid.uuid4().hex[:6]}.dcm")
+    (staging / "ct-volume").rmdir()
     (staging / "notes.txt").write_text("not a DICOM file\n")
     good = next(staging.glob("*.dcm"))
     (staging / "truncated.dcm").write_bytes(good.read_bytes()[:2000])
@@ -134,6 +150,53 @@ def _ensure_model(settings: Settings, console: Console) -> None:
     result = train_with_progress(settings, name="chest")
     console.print(f"trained chest {result.version}: validation AUROC "
                   f"{result.metrics.get('auroc', float('nan')):.3f} (synthetic data)")
+
+
+def _ensure_volume_models(settings: Settings, console: Console) -> None:
+    """The two 3-D CT models (segmentation, lesion present), trained on SYNTHETIC phantoms in
+    seconds when none is in production."""
+    from trainer.volume_train import DEFAULT_NAMES
+
+    for kind, name in DEFAULT_NAMES.items():
+        with session_scope(settings.sqlalchemy_url) as session:
+            model = session.scalars(select(Model).where(
+                Model.name == name, Model.stage == ModelStage.production)).first()
+        if model is not None:
+            console.print(f"model {name} {model.version} is in production")
+            continue
+        console.print(f"no production {name} model: training a tiny 3-D {kind} network on "
+                      "SYNTHETIC CT phantoms")
+        from trainer.volume_train import train_volume_model
+
+        result = train_volume_model(settings, kind, volumes=24, steps=25)  # type: ignore[arg-type]
+        console.print(f"trained {name} {result.manifest.version} in {result.seconds:.0f} s "
+                      f"(synthetic data): {result.manifest.metrics}")
+
+
+def _volume_outputs(settings: Settings, console: Console, study_uid: str) -> int:
+    """Print the CT series' findings and write its SEG and SR under outputs/ (they go to PACS
+    through the export outbox when LIGHTBOX_EXPORT_DESTINATIONS is set)."""
+    from db.volume_queries import series_findings
+    from lightbox.output import series_findings_table
+    from scheduler.export import outputs_dir
+    from scheduler.outputs.volume_export import build_volume_objects, volume_findings
+
+    with session_scope(settings.sqlalchemy_url) as session:
+        rows = series_findings(session, study_uid=study_uid)
+        console.print(series_findings_table(rows, title="Series findings (SYNTHETIC CT)"))
+        written = []
+        for job_id in sorted({r["job_id"] for r in rows}):
+            job = session.get(Job, job_id)
+            found = volume_findings(session, job) if job is not None else []
+            if job is not None and found:
+                written += build_volume_objects(settings, session, job, found,
+                                                outputs_dir(settings, job_id))
+    for kind, _uid, path in written:
+        console.print(f"{kind.upper()} written: {path}")
+    if not rows:
+        console.print(f"[red]CT series study …{study_uid[-18:]} has no series findings[/red]")
+        return 1
+    return 0
 
 
 def _throughput(settings: Settings, uids: list[str]) -> tuple[int, float]:
@@ -196,18 +259,21 @@ def run_demo(settings: Settings, console: Console, *, studies: int, timeout: flo
             ensure_embedded_redis(settings)
             console.print(f"embedded Redis on {embedded_socket(settings)}")
         _ensure_model(settings, console)
+        _ensure_volume_models(settings, console)
         env, logs = _child_env(settings), settings.data_path / "logs"
         inbox = settings.data_path / "inbox"
         services.start("worker", ["worker"], env, logs)
         services.start("scheduler", ["scheduler"], env, logs)
         services.start("watch", ["watch", str(inbox)], env, logs)
-        uids, real_uid, ct_uid, images = _make_inputs(settings, studies)
+        volume_uids: list[str] = []
+        uids, real_uid, ct_uid, images = _make_inputs(settings, studies, volume_uids)
         staging = settings.data_path / "demo-staging"
         for run_dir in list(staging.iterdir()):
             _drop(run_dir, inbox)
         console.print(f"dropped {len(uids)} chest studies ({images} images, incl. 2 real CRs), "
-                      "1 CT study and 2 bad files into the watched folder")
-        all_uids = [*uids, ct_uid]
+                      "1 one-slice CT study, 1 CT series of 24 slices in shuffled order and 2 bad "
+                      "files into the watched folder")
+        all_uids = [*uids, ct_uid, *volume_uids]
         started = time.monotonic()
         with Progress(TextColumn("{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total} studies"), TimeElapsedColumn(),
@@ -235,7 +301,9 @@ def run_demo(settings: Settings, console: Console, *, studies: int, timeout: flo
         real_rows = [r for r in rows if r["study_instance_uid"] == real_uid]
         console.print(f"real chest CRs (pydicom-data): {len(real_rows)} finding(s) on study "
                       f"…{real_uid[-18:]}")
-        console.print(f"CT study …{ct_uid[-18:]}: no routing rule (recorded as unrouted)")
+        console.print(f"CT study …{ct_uid[-18:]}: one slice, no routing rule (recorded as "
+                      "unrouted)")
+        volume_failed = _volume_outputs(settings, console, volume_uids[0])
         for q in report["quarantined"][:2]:
             console.print(f"quarantined file {q['id']} (name kept only as a digest): "
                           f"{q['reason']}")
@@ -247,6 +315,8 @@ def run_demo(settings: Settings, console: Console, *, studies: int, timeout: flo
         if missing:
             console.print(f"[red]{len(missing)} studies have no findings[/red]")
             return 1
+        if volume_failed:
+            return volume_failed
         return _serve(settings, console, services, env, logs) if serve else 0
     finally:
         services.stop(settings)

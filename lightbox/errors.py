@@ -8,6 +8,7 @@
     ├── StowRequestError          a request that is not STOW-RS as a whole (HTTP 415); a ValueError
     ├── PullError                 the PACS cannot be queried or retrieved from
     ├── PixelDecodeError          pixels that cannot be decoded for a model
+    │   └── VolumeGeometryError   a series whose slices do not make one regular volume (says where)
     ├── ManifestError             a model bundle that is incomplete or altered
     ├── ModelNotFoundError        no such model / no production version
     ├── PromotionRefused          a candidate that scores worse than production (no --force)
@@ -64,6 +65,14 @@ class PullError(LightboxError):
 
 class PixelDecodeError(LightboxError):
     code = "pixel_decode"
+
+
+class VolumeGeometryError(PixelDecodeError):
+    """Slices that disagree (orientation, spacing, size), duplicate positions, a gap or irregular
+    spacing. A subclass of PixelDecodeError because retrying cannot help: the job fails at once,
+    with the reason naming the instance or the position along the slice normal."""
+
+    code = "volume_geometry"
 
 
 class ManifestError(LightboxError):

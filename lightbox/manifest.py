@@ -22,6 +22,7 @@ MANIFEST_SCHEMA = 1
 class InputSpec(BaseModel):
     name: str = "image"
     channels: int = 1
+    depth: int | None = None  # volume models: the input is (N, channels, depth, height, width)
     height: int
     width: int
     dtype: Literal["float32"] = "float32"
@@ -57,6 +58,34 @@ class FeatureSpec(BaseModel):
     @property
     def width(self) -> int:
         return 2 if self.type == "numeric" else len(self.categories) + 1
+class VolumeSpec(BaseModel):
+    """How a CT/MR series becomes a volume model's input (:mod:`lightbox.volume`,
+    :mod:`lightbox.volume_input`). Present only on volume models; 2-D bundles have none.
+
+    Either a fixed input (the resampled volume is centre-cropped / padded to ``roi_size``, one
+    forward pass: classifiers) or sliding-window inference (``roi_size`` patches overlapping by
+    ``overlap``, stitched with Gaussian weights: segmentation)."""
+
+    spacing: tuple[float, float, float] = Field(
+        description="target voxel spacing in mm, (x, y, z) as SimpleITK orders it")
+    orientation: str = Field(default="LPS", description="DICOM orientation code of the i, j, k "
+                             "axes after resampling (axes permuted/flipped, never interpolated)")
+    window_center: float = Field(description="intensity window centre (HU for CT)")
+    window_width: float = Field(description="intensity window width; values map to 0..1")
+    mode: Literal["fixed", "sliding_window"] = "sliding_window"
+    roi_size: tuple[int, int, int] = Field(description="input or patch size (z, y, x) voxels")
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = Field(default=0.125, gt=0.0,
+                               description="Gaussian sigma as a fraction of the patch size")
+    output: Literal["classification", "segmentation"] = "segmentation"
+    spacing_tolerance: float = Field(default=0.1, description="a slice step may differ from the "
+                                     "series' spacing by this fraction before the job fails")
+    min_slices: int = 8
+    segment_threshold: float = Field(default=0.5, description="probability above which a voxel "
+                                     "is lesion (segmentation)")
+    min_lesion_ml: float = Field(default=0.0, ge=0.0, description="connected components "
+                                 "smaller than this are not lesions (speckle), in mL")
 
 
 class Manifest(BaseModel):
@@ -110,6 +139,9 @@ class Manifest(BaseModel):
     monitor: str | None = Field(
         default=None, description="What early stopping monitored and the best epoch was kept "
         "by: 'val_loss' (default), 'auroc' or 'accuracy'.")
+    # Volume models (issue 17): a CT/MR series in, series-level findings out. Default None keeps
+    # every 2-D bundle valid.
+    volume: VolumeSpec | None = None
 
     def threshold_for(self, label: str) -> float:
         return self.thresholds.get(label, 0.5)

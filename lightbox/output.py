@@ -75,3 +75,25 @@ def print_rows(console: Console, rows: list[dict[str, Any]], fmt: str) -> None:
         print(to_csv(rows), end="")
     else:
         console.print(findings_table(rows))
+
+
+def series_findings_table(rows: list[dict[str, Any]], title: str = "Series findings") -> Table:
+    """Series-level findings of volume models: score, and what the mask measures."""
+    table = Table(title=title)
+    for column in ("study", "series", "model", "label", "score", "result", "lesions", "mL",
+                   "largest mm", "centroid (LPS mm)"):
+        table.add_column(column, no_wrap=True)
+
+    def number(value: Any, digits: int) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    for row in rows:
+        centroid = ("" if row["centroid_x"] is None else
+                    f"{row['centroid_x']:.1f}, {row['centroid_y']:.1f}, {row['centroid_z']:.1f}")
+        table.add_row(
+            "…" + row["study_instance_uid"][-10:], "…" + row["series_instance_uid"][-10:],
+            f"{row['model']}@{row['model_version'][:15]}", row["label"], f"{row['score']:.3f}",
+            "[red]POSITIVE[/red]" if row["positive"] else "[green]negative[/green]",
+            "" if row["lesion_count"] is None else str(row["lesion_count"]),
+            number(row["volume_ml"], 2), number(row["largest_diameter_mm"], 1), centroid)
+    return table

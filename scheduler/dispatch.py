@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Select, case, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from db import jobs as job_states
@@ -28,9 +28,10 @@ from db.models import Event, Instance, Job, JobState, Priority, Series, Study, S
 from db.registry import production_model
 from db.session import session_scope
 from db.upsert import insert_ignore
+from db.volume_tables import JobSeries
 from lightbox.settings import Settings
 from lightbox.tasks import PRIORITY_ROUTINE, PRIORITY_STAT, PROCESS_JOB, job_task_id
-from scheduler.route import Rule, route_study
+from scheduler.route import Rule, route_study, unmatched_reason
 
 log = logging.getLogger(__name__)
 BATCH = 200
@@ -67,14 +68,31 @@ def _ready(session: Session, quiet_seconds: float) -> list[Study]:
 
 
 def _series_tags(session: Session, study: Study) -> list[dict[str, object]]:
-    """Each series' routing tags plus ``CallingAETitle``: the AE titles that sent it (SCP)."""
+    """Each series' routing tags plus pseudo-tags: ``CallingAETitle`` (the AE titles that sent
+    it, SCP), ``SeriesInstanceUID``, ``Instances`` and ``Slices`` (instances × NumberOfFrames)
+    for series-level rules."""
     senders: dict[int, list[str]] = {}
     for series_id, source in session.execute(
             select(Instance.series_id, Instance.source).distinct()
             .join(Series, Instance.series_id == Series.id).where(Series.study_id == study.id)):
         if source and source.startswith("scp:"):
             senders.setdefault(series_id, []).append(source[4:])
-    return [{**(s.tags or {}), "CallingAETitle": senders.get(s.id, [])} for s in study.series]
+    counts = dict(session.execute(
+        select(Instance.series_id, func.count(Instance.id))
+        .join(Series, Instance.series_id == Series.id).where(Series.study_id == study.id)
+        .group_by(Instance.series_id)).all())
+    out = []
+    for s in study.series:
+        tags = dict(s.tags or {})
+        instances = int(counts.get(s.id, 0))
+        try:
+            frames = max(1, int(str(tags.get("NumberOfFrames") or 1)))
+        except ValueError:
+            frames = 1
+        out.append({**tags, "CallingAETitle": senders.get(s.id, []),
+                    "SeriesInstanceUID": s.series_instance_uid, "Instances": instances,
+                    "Slices": instances * frames})
+    return out
 
 
 def send(app: Celery, job_id: int, stat: bool, producer: Any = None) -> None:
@@ -89,13 +107,14 @@ def dispatch_ready(settings: Settings, rules: list[Rule], report: PassReport) ->
     with session_scope(settings.sqlalchemy_url) as session:
         now = datetime.now(timezone.utc)
         for study in _ready(session, settings.quiet_seconds):
-            routes = route_study(rules, _series_tags(session, study))
+            series_tags = _series_tags(session, study)
+            routes = route_study(rules, series_tags)
             models = [(r, production_model(session, r.model)) for r in routes]
             missing = [r.model for r, m in models if m is None]
             study.routed_at = now
             if not routes or missing:
                 study.status = StudyStatus.unrouted
-                reason = "no routing rule matched" if not routes else (
+                reason = unmatched_reason(rules, series_tags) if not routes else (
                     f"no production version of model(s): {', '.join(missing)}")
                 session.add(Event(kind="study_unrouted", study_instance_uid=study.study_instance_uid,
                                   detail={"reason": reason, "revision": study.revision}))
@@ -106,6 +125,7 @@ def dispatch_ready(settings: Settings, rules: list[Rule], report: PassReport) ->
                  "priority": r.priority, "state": JobState.queued, "created_at": now}
                 for r, m in models if m is not None
             ])
+            _record_series(session, study, [(r, m.id) for r, m in models if m is not None])
             study.status, study.dispatched_revision = StudyStatus.dispatched, study.revision
             study.priority = (Priority.stat if any(r.priority == Priority.stat for r in routes)
                               else Priority.routine)
@@ -136,6 +156,18 @@ def claim_and_send(settings: Settings, app: Celery, query: Select[int, Priority]
                     send(app, job_id, stat or priority == Priority.stat, producer)
             mark(session, [job_id for job_id, _ in rows])
             sent += len(rows)
+def _record_series(session: Session, study: Study, routes: list[tuple[Any, int]]) -> None:
+    """The series each series-level route chose, on its job (one row per job, kept on redo)."""
+    chosen = {model_id: r for r, model_id in routes if r.series_instance_uid}
+    if not chosen:
+        return
+    session.flush()
+    jobs = session.execute(select(Job.id, Job.model_id).where(
+        Job.study_id == study.id, Job.study_revision == study.revision,
+        Job.model_id.in_(list(chosen))))
+    insert_ignore(session, JobSeries, [
+        {"job_id": job_id, "series_instance_uid": chosen[model_id].series_instance_uid,
+         "rule": chosen[model_id].rule[:64]} for job_id, model_id in jobs])
 
 
 def send_pending(settings: Settings, app: Celery, report: PassReport) -> None:

@@ -42,6 +42,7 @@ from db.models import (
     Study,
 )
 from db.session import session_scope
+from db.volume_tables import JobSeries
 from lightbox import metrics
 from lightbox.errors import LightboxError
 from lightbox.heatmaps import load_heatmap
@@ -51,6 +52,7 @@ from scheduler.destinations import Destination, SendResult, load_destinations
 from scheduler.outputs.common import FindingItem, ModelInfo
 from scheduler.outputs.heatmap_sc import build_heatmap_sc
 from scheduler.outputs.sr import build_sr
+from scheduler.outputs.volume_export import build_volume_objects, volume_findings
 from scheduler.route import load_rules
 
 log = logging.getLogger(__name__)
@@ -89,10 +91,15 @@ def _destinations_for(session: Session, settings: Settings, job: Job,
     without an ``export`` list on any of them, results go to every destination."""
     rules = load_rules(settings.rules_file)
     tags = [s.tags for s in session.scalars(select(Series).where(Series.study_id == job.study_id))]
+    # A series-level rule's ranges read pseudo-tags (Slices) the stored tags lack: the job
+    # records which rule chose its series.
+    by_series_rule = session.get(JobSeries, job.id)
     chosen: set[str] = set()
     explicit = False
     for rule in rules:
-        if job.model.name in rule.models and any(rule.matches(t) for t in tags):
+        if job.model.name in rule.models and (
+                (by_series_rule is not None and rule.name == by_series_rule.rule)
+                or any(rule.matches(t) for t in tags)):
             if rule.export is not None:
                 explicit = True
                 chosen.update(rule.export)
@@ -124,7 +131,13 @@ def _save(ds: Dataset, path: Path) -> None:
 
 
 def build_objects(settings: Settings, session: Session, job: Job) -> list[BuiltObject]:
-    """Write the SR (and heatmap SCs) for ``job``; raises BUILD_ERRORS when the SR cannot be."""
+    """Write the SR (and heatmap SCs) for ``job``; raises BUILD_ERRORS when the SR cannot be.
+    Volume jobs (series findings) get a SEG and a TID 1500 SR referencing it instead."""
+    series = volume_findings(session, job)
+    if series:
+        return [BuiltObject(kind, uid, "", path) for kind, uid, path in
+                build_volume_objects(settings, session, job, series,
+                                     outputs_dir(settings, job.id))]
     findings = list(session.scalars(  # shadow versions' findings are never exported
         select(Finding).where(Finding.job_id == job.id, Finding.shadow.is_(False))
         .order_by(Finding.id)))

@@ -46,6 +46,8 @@ ROUTING_TAGS = (
     "Manufacturer",
     "ImageType",
     "RequestedProcedurePriority",
+    "SliceThickness",  # series-level rules (volume models)
+    "NumberOfFrames",
 )
 
 

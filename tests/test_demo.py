@@ -16,7 +16,7 @@ def _demo(data_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
     env["LIGHTBOX_DATA_DIR"] = str(data_dir)
     return subprocess.run([sys.executable, "-m", "lightbox.cli", "demo", "--studies", "3"],
-                          env=env, capture_output=True, text=True, timeout=400)
+                          env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_demo_runs_twice(tmp_path: Path) -> None:
@@ -29,6 +29,10 @@ def test_demo_runs_twice(tmp_path: Path) -> None:
     assert "(name kept only as a digest)" in first.stdout
     assert "notes.txt" not in first.stdout and "truncated.dcm" not in first.stdout
     assert not embedded_redis_running(Settings(data_dir=data_dir))  # it stopped what it started
+    # The 3-D models are trained on SYNTHETIC phantoms; the shuffled CT series gets its series
+    # findings and result objects (SR always; a SEG when the lesion is found).
+    assert "training a tiny 3-D segmentation network on SYNTHETIC CT phantoms" in first.stdout
+    assert "Series findings (SYNTHETIC CT)" in first.stdout and "SR written" in first.stdout
 
     second = _demo(data_dir)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]

@@ -74,7 +74,9 @@ def test_packaged_default_file_is_used_without_a_path() -> None:
     assert DEFAULT_RULES.is_file()
     assert load_rules() == load_rules(DEFAULT_RULES)
     assert [(r.name, r.models, r.priority.value) for r in load_rules()] == [
-        ("chest-radiograph", ("chest",), "routine"), ("requested-stat", (), "stat")]
+        ("chest-radiograph", ("chest",), "routine"),
+        ("ct-volume", ("ct-lesion", "ct-lesion-present"), "routine"),
+        ("requested-stat", (), "stat")]
 
 
 PRIORITY_RULES = """

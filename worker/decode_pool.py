@@ -20,9 +20,11 @@ import logging
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +73,18 @@ class DecodePool:
                 self._executor = self._new_executor()
                 return self._executor.submit(_prepare, str(path), manifest)
 
+    def submit_call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Any picklable call in the pool (volume slices: :func:`lightbox.volume.decode_file_slices`),
+        with the same broken-pool recovery as :meth:`submit`."""
+        with self._lock:
+            try:
+                return self._executor.submit(fn, *args)
+            except BrokenProcessPool:
+                log.warning("decode pool broken (a child died); starting a new one")
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._new_executor()
+                return self._executor.submit(fn, *args)
+
     def warm_up(self) -> None:
         """Start every child now (spawn costs an interpreter start), not on the first job."""
         futures = [self._executor.submit(os.getpid) for _ in range(self.workers * 2)]
@@ -91,6 +105,14 @@ class InlineDecoder:
         future: Future[np.ndarray] = Future()
         try:
             future.set_result(_prepare(str(path), manifest))
+        except Exception as exc:  # noqa: BLE001 - carried to the job like a pool error
+            future.set_exception(exc)
+        return future
+
+    def submit_call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
         except Exception as exc:  # noqa: BLE001 - carried to the job like a pool error
             future.set_exception(exc)
         return future

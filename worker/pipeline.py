@@ -220,6 +220,7 @@ class InlineRunner:
         self.settings, self.cache = settings, cache
         self.heartbeats = Heartbeats(settings)
         self._decoder = InlineDecoder()
+        self.decoder = self._decoder  # volume jobs decode their slices through submit_call
 
     def infer_images(self, model: LoadedModel, job_id: int,
                      images: list[ImageRef]) -> list[ImageResult]:

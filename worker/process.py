@@ -31,6 +31,7 @@ from worker.batcher import ImageResult
 from worker.findings import finding_rows
 from worker.model_cache import LoadedModel, ModelCache
 from worker.pipeline import ImageRef, InlineRunner, JobRunner, same_input
+from worker.volume_job import run_volume_job, series_paths
 from worker.writer import JobResult, write_results
 
 __all__ = ["ImageRef", "run_job", "worker_name", "write_results"]
@@ -153,9 +154,15 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
         shadows = [(r.id, r.bundle_path) for r in session.scalars(
             select(Model).where(Model.name == model_row.name, Model.shadow.is_(True),
                                 Model.stage == ModelStage.staging, Model.id != model_row.id))]
+        volume_series = (series_paths(settings, session, job)
+                         if (model_row.manifest or {}).get("volume") else None)
     runner.heartbeats.add(job_id)
     try:
         model = runner.cache.get(job.model_id, bundle_path)
+        if volume_series is not None and model.manifest.volume is not None:
+            run_volume_job(settings, runner, model, job, *volume_series)
+            _observe_success(model_name, sum(len(p) for p in volume_series[1:2]), received_at)
+            return "succeeded"
         if shadows:
             results, shadow_results = _infer(runner, job_id, model,
                                              _load_shadows(runner, job_id, shadows), images)

@@ -114,16 +114,25 @@ def train_with_progress(settings: Settings, **kwargs: Any) -> Any:
               help="tabular: comma-separated header keywords (default: KVP, ExposureInuAs, "
                    "DistanceSourceToDetector, PatientAge, PatientSex, Manufacturer).")
 @click.option("--json", "as_json", is_flag=True, help="stdout is one JSON document only.")
+@click.option("--volume", type=click.Choice(["segmentation", "classification"]), default=None,
+              help="Train a 3-D CT model on SYNTHETIC phantoms instead (trainer/volume_train.py; "
+                   "--name defaults to ct-lesion / ct-lesion-present).")
+@click.option("--steps", default=40, show_default=True, help="Optimiser steps (--volume).")
 def train(name: str, data: Path | None, labels_csv: Path | None, images: int, architecture: str,
           size: int, epochs: int, batch_size: int, lr: float, patience: int, seed: int,
           val_fraction: float, test_fraction: float, threshold_policy: str | None,
           version: str | None, resume: bool, register: bool, promote: bool, monitor: str,
           background_class: str | None, confident_accuracy: float | None, kind: str,
-          features: str | None, as_json: bool) -> None:
+          features: str | None, as_json: bool, volume: str | None = None,
+          steps: int = 40) -> None:
     """Train a model, export a verified ONNX bundle and register it as staging.
 
     One line per epoch (losses, AUROC, accuracy, seconds) and the early-stopping decision go
     to stderr; the result goes to stdout (with --json: one JSON document only)."""
+    if volume is not None:
+        _train_volume(volume, None if name == "chest" else name, steps, seed, version, register,
+                      promote)
+        return
     try:
         from trainer.train import TrainConfig, load_training_data, train_model
     except ImportError as exc:
@@ -192,6 +201,29 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
     if register and not promote:
         console.print(f"promote with: lightbox models promote {config.name} {result.version}",
                       soft_wrap=True)
+
+
+def _train_volume(kind: str, name: str | None, steps: int, seed: int, version: str | None,
+                  register: bool, promote: bool) -> None:
+    try:
+        from trainer.volume_train import train_volume_model
+    except ImportError as exc:
+        raise click.ClickException(f"{TRAIN_EXTRA}: {exc}") from exc
+    from lightbox.errors import LightboxError
+
+    settings = get_settings()
+    ensure_db(settings)
+    console.print(f"training a 3-D {kind} model on SYNTHETIC CT phantoms (not patient data)")
+    try:
+        with _progress() as report:
+            result = train_volume_model(settings, kind, name=name, steps=steps,  # type: ignore[arg-type]
+                                        seed=seed, version=version, register=register,
+                                        promote=promote and register, progress=report)
+    except (LightboxError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    print(to_json({"bundle": str(result.bundle_dir), "version": result.manifest.version,
+                   "metrics": result.manifest.metrics, "thresholds": result.manifest.thresholds,
+                   "seconds": round(result.seconds, 1)}))
 
 
 @click.command("compile")

@@ -1,0 +1,143 @@
+"""SYNTHETIC CT phantoms and DICOM series made from them: for training the demo's volume models,
+for tests and for the benchmark. Not patient data; everything made here says so
+(``SeriesDescription`` "SYNTHETIC ...", ``ImageComments``, ``PatientName`` SYNTHETIC).
+
+A phantom is a body-like ellipse cylinder of soft tissue (~40 HU) in air (-1000 HU) with two
+lungs (~-850 HU), a spine-like bone cylinder (~700 HU) and ellipsoid "lesions" (~+70 HU above
+the tissue around them: a hyperdense focus, as a haemorrhage or enhancing nodule is).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+SYNTHETIC_NOTE = "SYNTHETIC phantom made by Lightbox; not patient data"
+
+
+@dataclass
+class Phantom:
+    hu: np.ndarray  # (z, y, x) float32 HU
+    mask: np.ndarray  # (z, y, x) uint8, 1 inside a lesion
+    lesions: list[tuple[tuple[float, float, float], tuple[float, float, float]]]  # centre, radii (voxels)
+
+
+def make_phantom(shape: Sequence[int] = (32, 64, 64), lesions: int = 1, seed: int = 0,
+                 noise: float = 10.0, lesion_radius: tuple[float, float] = (2.5, 5.0)) -> Phantom:
+    """A body-like phantom of ``shape`` (z, y, x) with ``lesions`` ellipsoids (0 for none)."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    cy, cx = (ny - 1) / 2, (nx - 1) / 2
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    body = ((y - cy) / (0.42 * ny)) ** 2 + ((x - cx) / (0.46 * nx)) ** 2 <= 1
+    hu[body] = 40.0
+    for side in (-1, 1):
+        lung = ((y - cy * 0.9) / (0.22 * ny)) ** 2 + ((x - cx - side * 0.2 * nx) / (0.13 * nx)) ** 2 <= 1
+        hu[lung & body] = -850.0
+    spine = ((y - cy - 0.3 * ny) / (0.06 * ny)) ** 2 + ((x - cx) / (0.06 * nx)) ** 2 <= 1
+    hu[spine] = 700.0
+    mask = np.zeros(shape, dtype=np.uint8)
+    placed = []
+    soft = (hu == 40.0)
+    for _ in range(lesions):
+        for _attempt in range(100):
+            radii = tuple(min(float(rng.uniform(*lesion_radius)), n / 4) for n in shape)
+            centre = (float(rng.uniform(radii[0], max(radii[0], nz - radii[0] - 1))),
+                      float(rng.uniform(0.25 * ny, 0.75 * ny)),
+                      float(rng.uniform(0.25 * nx, 0.75 * nx)))
+            inside = (((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+                      + ((x - centre[2]) / radii[2]) ** 2) <= 1
+            if inside.any() and soft[inside].mean() > 0.95 and not mask[inside].any():
+                hu[inside] += 70.0
+                mask[inside] = 1
+                placed.append((centre, radii))
+                break
+    hu += rng.normal(0.0, noise, size=shape).astype(np.float32)
+    np.clip(hu, -1024.0, 3071.0, out=hu)  # a 12-bit CT's range
+    return Phantom(hu=hu, mask=mask, lesions=placed)
+
+
+def write_series(hu: np.ndarray, out_dir: Path, spacing: Sequence[float] = (1.0, 1.0, 2.5),
+                 origin: Sequence[float] = (-100.0, -100.0, 50.0),
+                 orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+                 shuffle_seed: int | None = None, study_uid: str | None = None,
+                 template: str = "CT_small.dcm", slopes: Sequence[float] | None = None,
+                 description: str = "SYNTHETIC phantom") -> list[Path]:
+    """One single-frame CT instance per slice of ``hu`` (z, y, x), written from a real
+    pydicom-data CT header with new UIDs, geometry and pixels; spacing (x, y, z) mm.
+
+    Files are named and numbered in a shuffled order when ``shuffle_seed`` is given (arrival
+    and InstanceNumber then say nothing about position). ``slopes``: a rescale slope per slice
+    (intercept -1024), to test per-slice rescale."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(get_testdata_file(template))
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    frame_uid = generate_uid()
+    row, column = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    normal = np.cross(row, column)
+    order = list(range(hu.shape[0]))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    paths = []
+    for number, k in enumerate(order, start=1):
+        ds = _slice_dataset(base, hu[k], study_uid, series_uid, frame_uid,
+                            position=np.asarray(origin, float) + normal * spacing[2] * k,
+                            orientation=orientation, spacing=spacing, number=number,
+                            slope=1.0 if slopes is None else float(slopes[k]),
+                            description=description)
+        path = out_dir / f"{number:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _slice_dataset(base: Dataset, hu: np.ndarray, study_uid: str, series_uid: str,
+                   frame_uid: str, position: np.ndarray, orientation: Sequence[float],
+                   spacing: Sequence[float], number: int, slope: float,
+                   description: str) -> Dataset:
+    ds = base.copy()
+    ds.file_meta = base.file_meta.copy()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PatientName = "SYNTHETIC"
+    ds.PatientID = "SYNTHETIC"
+    ds.PatientBirthDate = ""
+    ds.AccessionNumber = ""
+    ds.SeriesDescription = description
+    ds.ImageComments = SYNTHETIC_NOTE
+    ds.BodyPartExamined = "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.InstanceNumber = number
+    ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+    ds.PixelSpacing = [f"{spacing[1]:g}", f"{spacing[0]:g}"]
+    ds.SliceThickness = f"{spacing[2]:g}"
+    ds.SliceLocation = f"{position[2]:.4f}"
+    ds.Rows, ds.Columns = hu.shape
+    intercept = -1024.0
+    stored = np.round((hu - intercept) / slope)
+    ds.RescaleSlope = f"{slope:g}"
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if keyword in ds:
+            del ds[keyword]
+    ds.PixelData = np.clip(stored, 0, 65535).astype("<u2").tobytes()
+    return ds

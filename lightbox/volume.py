@@ -1,0 +1,386 @@
+"""CT/MR series → one 3-D volume with its geometry: the one implementation trainer and worker share.
+
+A volume is assembled in two steps so that a worker can decode slices in parallel:
+
+1. :func:`plan_volume` reads headers only (single-frame instances and Enhanced multi-frame
+   per-frame functional groups alike), orders every slice by its position along the slice
+   normal (ImageOrientationPatient × ImagePositionPatient — never InstanceNumber or arrival
+   order) and checks the geometry: one orientation, one pixel spacing, one size, no duplicate
+   position, uniform spacing within a tolerance. A failed check raises :class:`VolumeGeometryError`
+   whose reason says where ("gap of 5.0 mm at z = 112.5"), never a silently wrong volume.
+2. :func:`decode_slice` turns one planned slice into float32 values with that slice's own
+   rescale slope/intercept (HU for CT), and :func:`stack` puts the decoded slices into a
+   :class:`Volume` that keeps the geometry (origin, spacing, direction: an affine to patient
+   LPS coordinates, as DICOM has them).
+
+Resampling to a model's spacing and orientation (:func:`resample`, :func:`resample_like`) uses
+SimpleITK, not torch (worker nodes carry no torch). Why SimpleITK: it is ITK's physical-space
+image model (origin, spacing, direction in LPS, exactly DICOM's convention), with DICOMOrient
+for orientation codes and linear/nearest/B-spline resampling in C++ with multithreading, in one
+binary wheel with no further dependencies. nibabel works in RAS and has no resampler of its
+own (it needs scipy, and its affines must be flipped back to LPS for SEG); highdicom's volume
+support builds volumes from SEG/multi-frame images but does not resample.
+
+``z`` in messages is the position along the slice normal in mm (patient z for axial series).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+
+from lightbox.errors import PixelDecodeError, VolumeGeometryError
+from lightbox.pixels import read_dataset
+
+# Two slices closer than this along the normal are at the same position (a duplicate).
+DUPLICATE_TOLERANCE_MM = 0.01
+# Orientation cosines that differ by less than this are the same orientation.
+ORIENTATION_TOLERANCE = 1e-4
+# Default uniform-spacing tolerance: a step may differ from the series' spacing by this
+# fraction (scanners round positions to 0.01 mm; reconstruction spacing never varies by 10 %).
+SPACING_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One 2-D slice of a series: an instance (``frame`` None) or one frame (1-based) of an
+    Enhanced multi-frame instance, with the geometry and rescale that belong to it."""
+
+    sop_instance_uid: str
+    path: str
+    frame: int | None
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) in mm, as DICOM orders it
+    rows: int
+    columns: int
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def where(self) -> str:
+        return self.sop_instance_uid + (f" frame {self.frame}" if self.frame else "")
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    """Slices in order along the normal (ascending) and the grid they make."""
+
+    slices: tuple[SliceRef, ...]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]  # (x: along a row, y: down a column, z: slice step)
+    direction: tuple[float, ...]  # 3×3 row-major; columns are the i, j, k axes in LPS
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        first = self.slices[0]
+        return (len(self.slices), first.rows, first.columns)
+
+
+@dataclass
+class Volume:
+    """Voxels as ``array[k, j, i]`` (slice, row, column), float32, with the patient geometry."""
+
+    array: np.ndarray
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]
+    sources: tuple[SliceRef, ...] = field(default_factory=tuple)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4×4 matrix from voxel index (i, j, k, 1) to patient LPS coordinates in mm."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = np.asarray(self.direction).reshape(3, 3) * np.asarray(self.spacing)
+        matrix[:3, 3] = self.origin
+        return matrix
+
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def to_sitk(self) -> sitk.Image:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, sources: Sequence[SliceRef] = ()) -> Volume:
+        return cls(array=sitk.GetArrayFromImage(image), origin=tuple(image.GetOrigin()),
+                   spacing=tuple(image.GetSpacing()), direction=tuple(image.GetDirection()),
+                   sources=tuple(sources))
+
+
+def _floats(value: object, count: int, what: str, where: str) -> tuple[float, ...]:
+    try:
+        numbers = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise VolumeGeometryError(f"{where}: {what} is missing or not numeric") from exc
+    if len(numbers) != count or not all(np.isfinite(numbers)):
+        raise VolumeGeometryError(f"{where}: {what} needs {count} finite numbers")
+    return numbers
+
+
+def _group(ds: Dataset, frame_group: Dataset | None, keyword: str) -> Dataset | None:
+    """A functional group macro item from the frame's own group, else the shared group."""
+    for source in (frame_group, _first(ds, "SharedFunctionalGroupsSequence")):
+        if source is not None and keyword in source and len(source[keyword].value):
+            return source[keyword].value[0]
+    return None
+
+
+def _first(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def slices_of(ds: Dataset, path: Path | str) -> list[SliceRef]:
+    """The slices one instance contributes: itself, or each frame of an Enhanced instance
+    (geometry and rescale from its per-frame functional groups, falling back to the shared)."""
+    uid = str(ds.get("SOPInstanceUID", "?"))
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if not rows or not columns:
+        raise VolumeGeometryError(f"instance {uid}: no Rows/Columns")
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        where = f"instance {uid}"
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise VolumeGeometryError(f"{where}: multi-frame without per-frame functional "
+                                      "groups (no position per frame)")
+        return [SliceRef(
+            sop_instance_uid=uid, path=str(path), frame=None,
+            position=_floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6,
+                                "ImageOrientationPatient", where),
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where),
+            rows=rows, columns=columns,
+            slope=float(ds.get("RescaleSlope", 1) or 1),
+            intercept=float(ds.get("RescaleIntercept", 0) or 0))]
+    refs = []
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != frames:
+        raise VolumeGeometryError(f"instance {uid}: {len(per_frame)} per-frame groups for "
+                                  f"{frames} frames")
+    for number, group in enumerate(per_frame, start=1):
+        where = f"instance {uid} frame {number}"
+        position = _group(ds, group, "PlanePositionSequence")
+        orientation = _group(ds, group, "PlaneOrientationSequence")
+        measures = _group(ds, group, "PixelMeasuresSequence")
+        transform = _group(ds, group, "PixelValueTransformationSequence")
+        refs.append(SliceRef(
+            sop_instance_uid=uid, path=str(path), frame=number,
+            position=_floats(position and position.get("ImagePositionPatient"), 3,
+                             "ImagePositionPatient", where),
+            orientation=_floats(orientation and orientation.get("ImageOrientationPatient"), 6,
+                                "ImageOrientationPatient", where),
+            pixel_spacing=_floats(measures and measures.get("PixelSpacing"), 2,
+                                  "PixelSpacing", where),
+            rows=rows, columns=columns,
+            slope=float((transform or {}).get("RescaleSlope", 1) or 1),
+            intercept=float((transform or {}).get("RescaleIntercept", 0) or 0)))
+    return refs
+
+
+def _normal(orientation: Sequence[float]) -> np.ndarray:
+    row, column = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    normal = np.cross(row, column)
+    length = float(np.linalg.norm(normal))
+    if length < 0.5:
+        raise VolumeGeometryError(f"ImageOrientationPatient {tuple(orientation)} is degenerate")
+    return normal / length
+
+
+def plan_volume(slices: Iterable[SliceRef], spacing_tolerance: float = SPACING_TOLERANCE,
+                min_slices: int = 2) -> VolumePlan:
+    """Order ``slices`` along the normal and check they make one regular grid.
+
+    Raises :class:`VolumeGeometryError` naming the instance or the position where a check fails.
+    """
+    refs = list(slices)
+    if len(refs) < min_slices:
+        raise VolumeGeometryError(f"{len(refs)} slice(s); a volume needs at least {min_slices}")
+    first = refs[0]
+    for ref in refs[1:]:
+        if np.max(np.abs(np.subtract(ref.orientation, first.orientation))) > ORIENTATION_TOLERANCE:
+            raise VolumeGeometryError(
+                f"orientation differs: {ref.where()} has {_fmt(ref.orientation)}, "
+                f"{first.where()} has {_fmt(first.orientation)}")
+        if np.max(np.abs(np.subtract(ref.pixel_spacing, first.pixel_spacing))) > 1e-3:
+            raise VolumeGeometryError(
+                f"pixel spacing differs: {ref.where()} has {_fmt(ref.pixel_spacing)} mm, "
+                f"{first.where()} has {_fmt(first.pixel_spacing)} mm")
+        if (ref.rows, ref.columns) != (first.rows, first.columns):
+            raise VolumeGeometryError(
+                f"size differs: {ref.where()} is {ref.rows}×{ref.columns}, "
+                f"{first.where()} is {first.rows}×{first.columns}")
+    normal = _normal(first.orientation)
+    z = np.array([float(np.dot(normal, ref.position)) for ref in refs])
+    order = np.argsort(z, kind="stable")
+    refs = [refs[i] for i in order]
+    z = z[order]
+    steps = np.diff(z)
+    for index in np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM):
+        raise VolumeGeometryError(
+            f"duplicate position z = {z[index]:.2f}: {refs[index].where()} and "
+            f"{refs[index + 1].where()}")
+    step = float(np.median(steps))
+    for index, value in enumerate(steps):
+        if abs(value - step) > spacing_tolerance * step:
+            kind = "gap" if value > step else "irregular spacing"
+            raise VolumeGeometryError(
+                f"{kind} of {value:.1f} mm at z = {z[index + 1]:.1f} (after z = {z[index]:.1f}; "
+                f"slice spacing {step:.2f} mm; between {refs[index].where()} and "
+                f"{refs[index + 1].where()})")
+    # In-plane offsets must stay on the normal's line (a sheared stack is not a grid).
+    row, column = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
+    origin = np.asarray(refs[0].position)
+    for index, ref in enumerate(refs):
+        offset = np.asarray(ref.position) - origin
+        shear = max(abs(float(np.dot(offset, row))), abs(float(np.dot(offset, column))))
+        if shear > max(0.5 * min(first.pixel_spacing), spacing_tolerance * step):
+            raise VolumeGeometryError(
+                f"{ref.where()} at z = {z[index]:.1f} is shifted {shear:.1f} mm in plane "
+                "(gantry tilt or mixed stacks)")
+    direction = np.stack([row, column, normal], axis=1)
+    return VolumePlan(
+        slices=tuple(refs), origin=tuple(float(v) for v in origin),
+        spacing=(float(first.pixel_spacing[1]), float(first.pixel_spacing[0]),
+                 float((z[-1] - z[0]) / (len(z) - 1))),
+        direction=tuple(float(v) for v in direction.ravel()))
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def plan_files(paths: Iterable[Path | str], spacing_tolerance: float = SPACING_TOLERANCE
+               ) -> VolumePlan:
+    """Headers of ``paths`` (pixel data deferred, not read) → :func:`plan_volume`."""
+    refs: list[SliceRef] = []
+    for path in paths:
+        refs.extend(slices_of(read_dataset(path), path))
+    return plan_volume(refs, spacing_tolerance)
+
+
+def decode_frames(path: Path | str, frames: Sequence[int | None]) -> list[np.ndarray]:
+    """Stored values of the given frames of one file (``None``: a single-frame instance)."""
+    ds = read_dataset(path)
+    uid = str(ds.get("SOPInstanceUID", "?"))
+    try:
+        if len(frames) == 1 and frames[0] is None:
+            from lightbox.pixels import decode_frame
+            return [decode_frame(ds)]
+        array = ds.pixel_array
+    except PixelDecodeError:
+        raise
+    except Exception as exc:  # pydicom and its plugins raise many types for broken data
+        raise PixelDecodeError(f"cannot decode pixels of instance {uid}: "
+                               f"{type(exc).__name__}") from exc
+    if array.ndim == 2:
+        array = array[np.newaxis]
+    out = []
+    for frame in frames:
+        index = (frame or 1) - 1
+        if index >= array.shape[0]:
+            raise PixelDecodeError(f"instance {uid} has no frame {index + 1}")
+        out.append(array[index])
+    return out
+
+
+def decode_slice(ref: SliceRef) -> np.ndarray:
+    """One slice's rescaled values (float32; HU for CT), checked against its planned size."""
+    return decode_file_slices([ref])[0]
+
+
+def decode_file_slices(refs: Sequence[SliceRef]) -> list[np.ndarray]:
+    """Rescaled values of slices that all come from one file, the file decoded once."""
+    arrays = decode_frames(refs[0].path, [ref.frame for ref in refs])
+    out = []
+    for ref, array in zip(refs, arrays, strict=True):
+        if array.shape != (ref.rows, ref.columns):
+            raise PixelDecodeError(f"instance {ref.where()}: pixels are {array.shape}, header "
+                                   f"says {(ref.rows, ref.columns)}")
+        out.append(array.astype(np.float32) * np.float32(ref.slope) + np.float32(ref.intercept))
+    return out
+
+
+def stack(plan: VolumePlan, slices: Sequence[np.ndarray] | None = None) -> Volume:
+    """The volume of ``plan``; ``slices`` are its decoded slices in plan order (decoded here,
+    each file once, when not given). Memory: the float32 volume, filled in place."""
+    array = np.empty(plan.shape, dtype=np.float32)
+    if slices is None:
+        by_file: dict[str, list[int]] = {}
+        for index, ref in enumerate(plan.slices):
+            by_file.setdefault(ref.path, []).append(index)
+        for indices in by_file.values():
+            decoded = decode_file_slices([plan.slices[i] for i in indices])
+            for index, values in zip(indices, decoded, strict=True):
+                array[index] = values
+    else:
+        for index, values in enumerate(slices):
+            array[index] = values
+    return Volume(array=array, origin=plan.origin, spacing=plan.spacing,
+                  direction=plan.direction, sources=plan.slices)
+
+
+def load_series(paths: Iterable[Path | str], spacing_tolerance: float = SPACING_TOLERANCE
+                ) -> Volume:
+    """Plan, check and decode a series in this process (trainer, tests, tools)."""
+    return stack(plan_files(paths, spacing_tolerance))
+
+
+def resample(volume: Volume, spacing: Sequence[float] | None = None,
+             orientation: str | None = None, interpolator: str = "linear",
+             fill: float | None = None, release: bool = False) -> Volume:
+    """``volume`` on a grid of ``spacing`` (x, y, z mm) and ``orientation`` (a DICOM/ITK code
+    such as "LPS": the directions the i, j, k axes point to; axes are permuted and flipped, an
+    oblique grid stays oblique). ``fill`` defaults to the volume's minimum (air for CT).
+
+    ``release``: drop ``volume.array`` once SimpleITK holds its copy (the worker's case), so the
+    source volume exists once, not twice, while it is resampled; the geometry stays."""
+    fill = float(volume.array.min()) if fill is None else fill
+    image = volume.to_sitk()
+    if release:
+        volume.array = np.empty((0, 0, 0), np.float32)
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    if orientation and orientation.upper() != current:
+        image = sitk.DICOMOrient(image, orientation.upper())
+    if spacing is not None:
+        old_spacing = np.asarray(image.GetSpacing())
+        new_spacing = np.asarray(spacing, dtype=float)
+        size = np.maximum(1, np.round(np.asarray(image.GetSize()) * old_spacing / new_spacing))
+        image = sitk.Resample(
+            image, [int(s) for s in size], sitk.Transform(), _interpolator(interpolator),
+            image.GetOrigin(), [float(s) for s in new_spacing], image.GetDirection(),
+            fill, sitk.sitkFloat32)
+    return Volume.from_sitk(image, volume.sources)
+
+
+def resample_like(array: np.ndarray, geometry: Volume, reference: Volume,
+                  interpolator: str = "linear", fill: float = 0.0) -> np.ndarray:
+    """``array`` laid on ``geometry``'s grid, resampled onto ``reference``'s grid (e.g. a
+    model's probability map back onto the source series, for findings and the SEG)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetOrigin(geometry.origin)
+    image.SetSpacing(geometry.spacing)
+    image.SetDirection(geometry.direction)
+    grid = sitk.Image([int(n) for n in reference.array.shape[::-1]], sitk.sitkUInt8)
+    grid.SetOrigin(reference.origin)
+    grid.SetSpacing(reference.spacing)
+    grid.SetDirection(reference.direction)
+    out = sitk.Resample(image, grid, sitk.Transform(),
+                        _interpolator(interpolator), float(fill), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def _interpolator(name: str) -> int:
+    try:
+        return {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
+                "bspline": sitk.sitkBSpline}[name]
+    except KeyError:
+        raise ValueError(f"unknown interpolator {name!r}: linear, nearest or bspline") from None
