@@ -145,5 +145,6 @@ def test_runtime_choice_on_this_node(tmp_path: Path) -> None:
             choose_runtime(Settings(data_dir=tmp_path, runtime="tensorrt"))
         with pytest.raises(TensorRTUnavailable):
             current_identity()
-    with pytest.raises(ConfigurationError):
-        choose_runtime(Settings(data_dir=tmp_path, runtime="no-such-runtime"))
+    # An unknown runtime never reaches choose_runtime: the settings refuse it at start.
+    with pytest.raises(ValueError, match="not one of auto, onnxruntime, tensorrt"):
+        Settings(data_dir=tmp_path, runtime="no-such-runtime")
