@@ -16,8 +16,9 @@ per core) and through a thread pool of the same size (why the worker uses proces
 
 ``pool_cost``: what each image costs the worker process that feeds the decode pool (its CPU
 seconds per image, all its threads: submitting, the executor's queue threads, unpickling
-results) and the pool's images/s, with the manifest pickled on every submit (``before``, the
-old path) and sent as a spec pickled once and cached in each child (``after``), interleaved.
+results) and the pool's images/s, with the manifest pickled on every submit and the tensor
+pickled back (``before``, the old path) and with the spec pickled once and cached in each
+child, the tensor through shared memory (``after``), interleaved.
 ``--pool-only`` measures just that (uncompressed and JPEG 2000), in well under a minute.
 """
 
@@ -125,8 +126,7 @@ def measure(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, 
 def pool_cost(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, Any]:
     """Parent CPU per image and images/s through the pool, old path vs spec cache."""
     batch = workers * 8
-    pools = {"before": DecodePool(workers, spec_cache=False),
-             "after": DecodePool(workers, spec_cache=True)}
+    pools = {"before": DecodePool(workers, fast=False), "after": DecodePool(workers)}
     best: dict[str, dict[str, float]] = {}
     try:
         for pool in pools.values():
