@@ -21,7 +21,8 @@ sends the path and a ~1 KB bytes object. The tensor came back pickled through th
 pipe and unpickled by the executor's one management thread (~250-300 µs of the worker
 process's CPU per image here, about half of what the pool cost it); now the child writes it
 into a slot of one shared-memory block the pool owns (:class:`_Slots`, a slot per image in
-flight up to ``workers × 4``, each ``SLOT_BYTES``) and only its shape crosses the pipe; the
+flight up to ``workers × 4`` and ``MAX_SLOTS``, each ``SLOT_BYTES``: 16 MiB of ``/dev/shm`` at
+most; without a usable ``/dev/shm`` the pool warns once and uses the pipe) and only its shape crosses the pipe; the
 worker copies it out and frees the slot. With no free slot, or a tensor larger than a slot
 (volumes), the tensor comes back pickled as before. ``bench/decode.py --pool-only`` reports
 the worker process's CPU per image and the pool's images/s both ways (``fast=False``: the old
@@ -73,6 +74,7 @@ def _prepare_spec(path: str, spec: bytes) -> np.ndarray:
 
 _CHILD_BLOCKS: dict[str, SharedMemory] = {}
 SLOT_BYTES = 256 * 1024  # a 1×256×256 float32 tensor; 224² inputs take 196 KiB
+MAX_SLOTS = 64  # a container's /dev/shm is often 64 MB: keep well under it
 
 
 def _prepare_into(path: str, spec: bytes, block: str, offset: int,
@@ -159,7 +161,12 @@ class DecodePool:
         self.fast = fast
         self._lock = threading.Lock()
         self._specs: dict[int, tuple[Manifest, bytes]] = {}
-        self._slots = _Slots(self.workers * 4, SLOT_BYTES) if fast else None
+        self._slots: _Slots | None = None
+        if fast:
+            try:  # at most MAX_SLOTS × SLOT_BYTES (16 MiB) of /dev/shm, whatever the cores
+                self._slots = _Slots(min(MAX_SLOTS, self.workers * 4), SLOT_BYTES)
+            except OSError as exc:  # no usable /dev/shm: tensors come back pickled
+                log.warning("decode pool without shared memory (%s)", type(exc).__name__)
         self._executor = self._new_executor()
 
     def _spec(self, manifest: Manifest) -> bytes:
