@@ -84,7 +84,8 @@ from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
 from scheduler.register import register_file
 from worker.decode_pool import DecodePool
-from worker.runtime_onnx import OnnxRuntime, run_layout
+from worker.layout import node_layout
+from worker.runtime_onnx import OnnxRuntime
 
 SOURCES = {"uncompressed": ["RG1_UNCR.dcm"], "j2k": ["RG1_J2KR.dcm"],
            "mixed": ["RG1_UNCR.dcm", "RG1_J2KR.dcm"]}
@@ -370,10 +371,21 @@ def node_side_report(runs: list[dict[str, dict[str, Any]]], decode_pool: float,
         "infinite_standin_vs_decode_pool": round(
             best["infinite_standin"]["images_per_s"] / decode_pool, 3),
         "goals": {"infinite_standin_vs_decode_pool": 0.95}}
+    for key, run in best.items():
+        used = run["cpu_seconds"]["worker_process"] + run["cpu_seconds"]["decode_processes"]
+        report[key]["cpu_ms_per_image"] = round(used / run["images"] * 1000, 2)
     if "infinite_standin_no_sharing" in best:
         report["shared_vs_unshared_decode"] = round(
             best["infinite_standin"]["images_per_s"]
             / best["infinite_standin_no_sharing"]["images_per_s"], 2)
+        # Each round's pair ran back to back under the same load: their ratio, and the CPU
+        # each image cost (what the load on a shared machine changes least).
+        report["shared_vs_unshared_per_round"] = [
+            round(r["infinite_standin"]["images_per_s"]
+                  / r["infinite_standin_no_sharing"]["images_per_s"], 2) for r in runs]
+        report["unshared_vs_shared_cpu_per_image"] = round(
+            report["infinite_standin_no_sharing"]["cpu_ms_per_image"]
+            / report["infinite_standin"]["cpu_ms_per_image"], 2)
         report["goals"]["shared_vs_unshared_decode"] = 3.0
     return report
 
@@ -625,14 +637,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.ceiling_only:
         emit_ceiling(model, args, ceilings)
         return
+    layout = node_layout(Settings(
+        worker_concurrency=args.concurrency, batch_max_size=args.batch_size,
+        batch_max_wait_ms=args.max_wait_ms, decode_workers=args.decode_workers,
+        onnx_threads=args.onnx_threads, onnx_parallel_runs=args.onnx_parallel_runs,
+        runtime="onnxruntime"))
     result = {
         "model": model.description, "database": "postgresql" if args.database_url else "sqlite",
-        "worker": {"concurrency": args.concurrency, "batch_max_size": args.batch_size,
-                   "batch_max_wait_ms": args.max_wait_ms,
-                   "decode_workers": args.decode_workers or os.cpu_count(),
-                   **dict(zip(("onnx_threads", "onnx_parallel_runs"),
-                              run_layout(args.onnx_threads, args.onnx_parallel_runs),
-                              strict=True))},
+        "worker": {"concurrency": layout.worker_concurrency,
+                   "batch_max_size": layout.batch_max_size,
+                   "batch_max_wait_ms": layout.batch_max_wait_ms,
+                   "decode_workers": layout.decode_workers,
+                   "onnx_threads": layout.onnx_threads,
+                   "onnx_parallel_runs": layout.onnx_parallel_runs,
+                   "sized_by": layout.why},
         "corpora": {r["mix"]: r for r in results},
         "goals": {"efficiency_vs_bare_runtime": 0.9, "speedup_vs_peer": 5.0,
                   "infinite_standin_vs_decode_pool": 0.95},
@@ -664,7 +682,9 @@ def node_summary(node: dict[str, Any]) -> str:
             f"{node['infinite_standin_vs_decode_pool']:.2f} × the pool (goal 0.95)")
     if "shared_vs_unshared_decode" in node:
         text += (f"; unshared decode {node['infinite_standin_no_sharing']['images_per_s']:.1f}"
-                 f" → shared {node['shared_vs_unshared_decode']:.2f}× (goal 3×)")
+                 f" → shared {node['shared_vs_unshared_decode']:.2f}× (goal 3×; per round "
+                 f"{node['shared_vs_unshared_per_round']}; CPU per image "
+                 f"{node['unshared_vs_shared_cpu_per_image']:.2f}× less)")
     return text
 
 
