@@ -71,7 +71,7 @@ def dispatch_all(settings: Settings) -> None:
     from scheduler.dispatch import PassReport, dispatch_ready
     from scheduler.route import load_rules
 
-    rules = load_rules()
+    rules = load_rules(settings.rules_file)
     while True:
         report = PassReport()
         dispatch_ready(settings, rules, report)

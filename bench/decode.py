@@ -13,6 +13,13 @@ worker's preparation (decode, modality/VOI, resize to the model input) in one pr
 at full size (no reduction: window and resize over every pixel, the baseline for what the
 reductions save), and the worker's preparation through its decode pool (one spawned process
 per core) and through a thread pool of the same size (why the worker uses processes).
+
+``pool_cost``: what each image costs the worker process that feeds the decode pool (its CPU
+seconds per image, all its threads: submitting, the executor's queue threads, unpickling
+results) and the pool's images/s, with the manifest pickled on every submit and the tensor
+pickled back (``before``, the old path) and with the spec pickled once and cached in each
+child, the tensor through shared memory (``after``), interleaved.
+``--pool-only`` measures just that (uncompressed and JPEG 2000), in well under a minute.
 """
 
 from __future__ import annotations
@@ -116,25 +123,87 @@ def measure(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, 
     return result
 
 
+def pool_cost(path: Path, seconds: float, workers: int, rounds: int) -> dict[str, Any]:
+    """Parent CPU per image and images/s through the pool, old path vs spec cache."""
+    batch = workers * 8
+    pools = {"before": DecodePool(workers, fast=False), "after": DecodePool(workers)}
+    best: dict[str, dict[str, float]] = {}
+    try:
+        for pool in pools.values():
+            pool.warm_up()
+        for _ in range(rounds):
+            for name, pool in pools.items():
+                images, cpu_started, started = 0, time.process_time(), time.perf_counter()
+                while time.perf_counter() - started < seconds / rounds or images == 0:
+                    for future in [pool.submit(path, MANIFEST) for _ in range(batch)]:
+                        future.result()
+                    images += batch
+                wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+                rate, per_image_us = images / wall, cpu / images * 1e6
+                old = best.get(name)
+                best[name] = {
+                    "images_per_s": round(max(rate, old["images_per_s"] if old else 0.0), 2),
+                    "parent_cpu_us_per_image": round(min(
+                        per_image_us, old["parent_cpu_us_per_image"] if old else 1e12), 1)}
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return best
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved; best is kept")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--pool-only", action="store_true",
+                        help="only the pool's per-image cost, before vs after (pool_cost)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="lightbox-decode-"))
     try:
         files = make_files(work)
-        results = {}
+        if args.pool_only:
+            files = {k: v for k, v in files.items()
+                     if k in ("explicit little endian", "JPEG 2000 lossless")}
+        results: dict[str, Any] = {}
         with Progress() as progress:
             task = progress.add_task("decoding", total=len(files))
             for name, path in files.items():
                 progress.update(task, description=name)
-                results[name] = measure(path, args.seconds, args.workers, args.rounds)
+                results[name] = ({} if args.pool_only else
+                                 measure(path, args.seconds, args.workers, args.rounds))
+                results[name]["pool_cost"] = pool_cost(path, args.seconds, args.workers,
+                                                       args.rounds)
                 progress.advance(task)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0]
+    cost = "; ".join(
+        f"{name}: pool {r['pool_cost']['before']['images_per_s']:.1f} -> "
+        f"{r['pool_cost']['after']['images_per_s']:.1f} img/s, worker CPU "
+        f"{r['pool_cost']['before']['parent_cpu_us_per_image']:.0f} -> "
+        f"{r['pool_cost']['after']['parent_cpu_us_per_image']:.0f} µs/image"
+        for name, r in results.items())
+    if args.pool_only:
+        def plot_cost(figure: Any) -> None:
+            axes = figure.subplots(1, 2)
+            names = list(results)
+            for axis, key, label in ((axes[0], "parent_cpu_us_per_image",
+                                      "worker process CPU µs per image"),
+                                     (axes[1], "images_per_s", "decode pool images/s")):
+                for i, when in enumerate(("before", "after")):
+                    axis.bar(np.arange(len(names)) + i * 0.4,
+                             [results[n]["pool_cost"][when][key] for n in names], 0.4,
+                             label=when)
+                axis.set_xticks(np.arange(len(names)) + 0.2, names, fontsize=8)
+                axis.set_title(label)
+                axis.legend()
+
+        emit("decode_pool_cost", {"workers": args.workers, "load_average_1m": load,
+                                  "results": results}, f"{cost} (load {load:.1f})", args.out,
+             plot_cost)
+        return
     pool_key = f"prepare_pool_{args.workers}_processes"
     thread_key = f"prepare_{args.workers}_threads"
 
@@ -164,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{r['prepare_full_size_1_process']['images_per_s']:.0f} img/s "
         f"vs read {r['read_bytes']['mb_per_s']:.0f} MB/s, pool {r[pool_key]['images_per_s']:.1f}"
         for name, r in results.items())
-    emit("decode", {"workers": args.workers, "results": results}, summary, args.out, plot)
+    emit("decode", {"workers": args.workers, "load_average_1m": load, "results": results},
+         f"{summary}; {cost} (load {load:.1f})", args.out, plot)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,17 @@
    decoding, as on a GPU node, and the worker runs ``--offcpu-concurrency`` jobs at once, as
    the README advises for GPU nodes. It computes nothing: its efficiency is the share of the
    time decode, queue, batching and database kept such a device busy, and no GPU figure.
+8. The node's side of a GPU node (issue 18), per run: the decode pool's capacity per transfer
+   syntax of the corpus, and Lightbox on the stand-in at *infinite* speed (every model call
+   returns at once): the CPU side's ceiling. ``lightbox_vs_min_device_decode`` = Lightbox ÷
+   min(device, decode capacity) for the ONNX run and the stand-in runs; the infinite stand-in
+   against the decode pool alone has the goal ≥ 0.95.
+9. ``--models N`` routes every study to N models (copies of the bench model under other
+   names, one job each) and runs the infinite stand-in twice: decoding shared between the
+   study's jobs (today's worker) and not (``LIGHTBOX_DECODE_SHARE_MB=0``: each job decodes its
+   own images, the worker before issue 18); images/s counts each study image once, whatever
+   the number of models (goal: shared ≥ 3× unshared at 4 models).
+``--ceiling-only`` runs only 8 and 9 (no bare runtime, ONNX run or peer), a few minutes at most.
 Efficiency = Lightbox / bare runtime (goal ≥ 0.9); speed-up = Lightbox / peer (goal ≥ 5×).
 Lightbox / decode ceiling says how well the pipeline keeps its slowest stage busy;
 ``cpu_accounting`` splits the efficiency into the model's share of the CPU used (the most any
@@ -37,6 +48,7 @@ pipeline doing this decoding on these cores can reach) and how busy the cores we
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -46,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from rich.progress import Progress
 from sqlalchemy import func, select
 
@@ -71,7 +84,8 @@ from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
 from scheduler.register import register_file
 from worker.decode_pool import DecodePool
-from worker.runtime_onnx import OnnxRuntime, run_layout
+from worker.layout import node_layout
+from worker.runtime_onnx import OnnxRuntime
 
 SOURCES = {"uncompressed": ["RG1_UNCR.dcm"], "j2k": ["RG1_J2KR.dcm"],
            "mixed": ["RG1_UNCR.dcm", "RG1_J2KR.dcm"]}
@@ -156,29 +170,77 @@ def cpu_seconds(pid: int) -> dict[str, float]:
 
 
 def decode_ceiling(manifest: Manifest, paths: list[Path], workers: int = 0) -> float:
+    return decode_ceiling_cpu(manifest, paths, workers)[0]
+
+
+def decode_ceiling_cpu(manifest: Manifest, paths: list[Path],
+                       workers: int = 0) -> tuple[float, float]:
+    """The decode pool alone: images/s, and CPU ms per image (this process and its decode
+    processes: what the load of others on a shared machine changes least)."""
+    import psutil
+
     pool = DecodePool(workers)
     try:
         pool.warm_up()
-        started = time.perf_counter()
+        me = psutil.Process()
+
+        def used() -> float:
+            total = sum(sum(c.cpu_times()[:2]) for c in me.children(recursive=True))
+            return total + sum(me.cpu_times()[:2])
+
+        cpu_started, started = used(), time.perf_counter()
         for future in [pool.submit(p, manifest) for p in paths]:
             future.result()
-        return len(paths) / (time.perf_counter() - started)
+        seconds, cpu = time.perf_counter() - started, used() - cpu_started
+        return len(paths) / seconds, cpu / len(paths) * 1000
     finally:
         pool.close()
 
 
-def _prepare_install(settings: Settings, bundle: Path, paths: list[Path]) -> list[int]:
+def model_copies(bundle: Path, count: int) -> list[Path]:
+    """``bundle`` and ``count`` − 1 copies under other model names (same weights and spec)."""
+    bundles = [bundle]
+    for number in range(2, count + 1):
+        copy = bundle.parent / f"{bundle.name}-{number}"
+        if not copy.exists():
+            shutil.copytree(bundle, copy)
+            manifest_path = copy / "manifest.json"
+            data = json.loads(manifest_path.read_text())
+            data["name"] = f"{data['name']}-{number}"
+            manifest_path.write_text(json.dumps(data))
+        bundles.append(copy)
+    return bundles
+
+
+def _rules_for(settings: Settings, bundles: list[Path]) -> Settings:
+    """Routing rules sending every CR/DX study to each of ``bundles``' models."""
+    names = [load_manifest(bundle, verify=False).name for bundle in bundles]
+    rules = settings.data_path / "bench-rules.yaml"
+    rules.write_text(yaml.safe_dump({"rules": [{"name": "bench", "match": {
+        "Modality": ["CR", "DX"]}, "models": names}]}))
+    return settings.model_copy(update={"rules_file": rules})
+
+
+def _prepare_install(settings: Settings, bundle: Path, paths: list[Path],
+                     models: int = 1) -> tuple[list[int], dict[str, str]]:
+    """Jobs of the installed corpus, and the environment its worker needs (rules)."""
+    bundles = model_copies(bundle, models)
     with session_scope(settings.sqlalchemy_url) as session:
-        register_bundle(session, bundle, promote=True)
+        for each in bundles:
+            register_bundle(session, each, promote=True)
     for path in paths:
         register_file(settings, path)
+    env: dict[str, str] = {}
+    if models > 1:
+        settings = _rules_for(settings, bundles)
+        env["LIGHTBOX_RULES_FILE"] = str(settings.rules_file)
     dispatch_all(settings)
     with session_scope(settings.sqlalchemy_url) as session:
         jobs = list(session.scalars(select(Job.id).order_by(Job.id)))
     studies = len({path.name.split("-")[0] for path in paths})
-    if len(jobs) != studies:
-        raise RuntimeError(f"{len(jobs)} jobs for {studies} studies")
-    return jobs
+    if len(jobs) != studies * models:
+        raise RuntimeError(f"{len(jobs)} jobs for {studies} studies × {models} model(s)")
+    return jobs, env
 
 
 def _succeeded(settings: Settings) -> int:
@@ -193,15 +255,19 @@ def _scores(settings: Settings) -> dict[str, float]:
 
 
 def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Namespace,
-                 progress: Progress, offcpu_per_image_s: float | None = None
-                 ) -> dict[str, Any]:
+                 progress: Progress, offcpu_per_image_s: float | None = None,
+                 models: int = 1, extra_env: dict[str, str] | None = None,
+                 tag: str = "") -> dict[str, Any]:
     """A real worker over the whole path; with ``offcpu_per_image_s`` its models run on the
-    stand-in accelerator (bench/offcpu.py) instead of ONNX Runtime."""
+    stand-in accelerator (bench/offcpu.py) instead of ONNX Runtime (0: infinitely fast);
+    ``models`` routes each study to that many models; ``extra_env`` sets the worker's."""
     offcpu = offcpu_per_image_s is not None
-    name = "lightbox-offcpu" if offcpu else "lightbox"
+    name = ("lightbox-offcpu" if offcpu else "lightbox") + tag
     with installation(work / f"{name}-{args.round}", database_url=args.database_url,
                       redis_url=args.redis_url) as (settings, env):
-        jobs = _prepare_install(settings, bundle, paths)
+        jobs, rules_env = _prepare_install(settings, bundle, paths, models)
+        env.update(rules_env)
+        env.update(extra_env or {})
         concurrency = args.offcpu_concurrency if offcpu else args.concurrency
         env.update({"LIGHTBOX_WORKER_CONCURRENCY": str(concurrency),
                     "LIGHTBOX_BATCH_MAX_SIZE": str(args.batch_size),
@@ -220,8 +286,8 @@ def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Nam
                     return session.scalar(select(func.count()).select_from(WorkerNode)) > 0
 
             wait_until(ready, 300, "the Lightbox worker to be ready", 0.2, worker)
-            task = progress.add_task("Lightbox, stand-in accelerator" if offcpu else "Lightbox",
-                                     total=len(jobs))
+            task = progress.add_task(("Lightbox, stand-in accelerator" if offcpu else
+                                      "Lightbox") + tag, total=len(jobs))
             cpu_at_start = cpu_seconds(worker.pid)
             started = time.perf_counter()
             send_all(settings)
@@ -251,7 +317,7 @@ def run_peer(work: Path, bundle: Path, peer_model: Path, paths: list[Path],
              args: argparse.Namespace, progress: Progress, decode: str) -> dict[str, Any]:
     with installation(work / f"peer-{decode}-{args.round}", database_url=args.peer_database_url,
                       redis_url=args.redis_url) as (settings, env):
-        jobs = _prepare_install(settings, bundle, paths)
+        jobs, _ = _prepare_install(settings, bundle, paths)
         env["BENCH_PEER_MODEL"] = str(peer_model)
         env["BENCH_PEER_DECODE"] = decode
         log = work / f"peer-{decode}-worker-{args.round}.log"  # fresh: "ready." is this one's
@@ -279,6 +345,93 @@ def run_peer(work: Path, bundle: Path, peer_model: Path, paths: list[Path],
             stop(worker)
         return {"seconds": seconds, "jobs": len(jobs), "images": len(paths),
                 "images_per_s": len(paths) / seconds, "scores": _scores(settings)}
+
+
+def decode_capacity(manifest: Manifest, paths: list[Path], mix: str,
+                    workers: int = 0) -> dict[str, float]:
+    """The decode pool's images/s per transfer syntax of the corpus (its files of each
+    source), the node's decode capacity for each."""
+    capacity = {}
+    for index, source in enumerate(SOURCES[mix]):
+        subset = [p for p in paths if p.name.endswith(f"-{index}.dcm")]
+        syntax = "JPEG 2000 lossless" if "J2K" in source else "explicit little endian"
+        capacity[syntax] = round(decode_ceiling(manifest, subset, workers), 2)
+    return capacity
+
+
+def node_side_runs(work: Path, model: BenchModel, paths: list[Path], args: argparse.Namespace,
+                   progress: Progress) -> dict[str, dict[str, Any]]:
+    """Lightbox on the infinitely fast stand-in (the CPU side's ceiling), routed to
+    ``args.models`` models; with several, also with decode sharing off (the old worker)."""
+    runs = {"infinite_standin": run_lightbox(work, model.bundle, paths, args, progress, 0.0,
+                                             models=args.models, tag="-inf")}
+    if args.models > 1:
+        runs["infinite_standin_no_sharing"] = run_lightbox(
+            work, model.bundle, paths, args, progress, 0.0, models=args.models,
+            extra_env={"LIGHTBOX_DECODE_SHARE_MB": "0"}, tag="-inf-noshare")
+    return runs
+
+
+def node_side_report(runs: list[dict[str, dict[str, Any]]], decode_pool: float,
+                     capacity: dict[str, float], models: int) -> dict[str, Any]:
+    """Best round of each node-side run, and the ratios the goals are stated in."""
+    best = {key: max((r[key] for r in runs), key=lambda r: r["images_per_s"])
+            for key in runs[0]}
+    report: dict[str, Any] = {
+        "decode_capacity_images_per_s": capacity, "decode_pool_images_per_s": decode_pool,
+        "models_per_study": models,
+        **{key: {k: (round(v, 3) if isinstance(v, float) else v)
+                 for k, v in run.items() if k != "scores"} for key, run in best.items()},
+        "rounds_images_per_s": {key: [round(r[key]["images_per_s"], 2) for r in runs]
+                                for key in runs[0]},
+        "infinite_standin_vs_decode_pool": round(
+            best["infinite_standin"]["images_per_s"] / decode_pool, 3),
+        "goals": {"infinite_standin_vs_decode_pool": 0.95}}
+    for key, run in best.items():
+        used = run["cpu_seconds"]["worker_process"] + run["cpu_seconds"]["decode_processes"]
+        report[key]["cpu_ms_per_image"] = round(used / run["images"] * 1000, 2)
+    if "infinite_standin_no_sharing" in best:
+        report["shared_vs_unshared_decode"] = round(
+            best["infinite_standin"]["images_per_s"]
+            / best["infinite_standin_no_sharing"]["images_per_s"], 2)
+        # Each round's pair ran back to back under the same load: their ratio, and the CPU
+        # each image cost (what the load on a shared machine changes least).
+        report["shared_vs_unshared_per_round"] = [
+            round(r["infinite_standin"]["images_per_s"]
+                  / r["infinite_standin_no_sharing"]["images_per_s"], 2) for r in runs]
+        report["unshared_vs_shared_cpu_per_image"] = round(
+            report["infinite_standin_no_sharing"]["cpu_ms_per_image"]
+            / report["infinite_standin"]["cpu_ms_per_image"], 2)
+        report["goals"]["shared_vs_unshared_decode"] = 3.0
+    return report
+
+
+def measure_ceiling(work: Path, model: BenchModel, mix: str, args: argparse.Namespace,
+                    progress: Progress) -> dict[str, Any]:
+    """``--ceiling-only``: decode capacity per syntax, the decode pool on the corpus and the
+    node-side runs, interleaved per round (best kept)."""
+    manifest = load_manifest(model.bundle)
+    folder = work / f"in-{mix}"
+    folder.mkdir()
+    paths = write_studies(folder, args.studies, mix)
+    capacity: dict[str, float] = {}
+    pool, pool_cpu = 0.0, float("inf")
+    runs = []
+    for number in range(args.rounds):
+        args.round = f"{mix}-{number}"
+        for syntax, rate in decode_capacity(manifest, paths, mix, args.decode_workers).items():
+            capacity[syntax] = max(capacity.get(syntax, 0.0), rate)
+        rate, cpu_ms = decode_ceiling_cpu(manifest, paths, args.decode_workers)
+        pool, pool_cpu = max(pool, rate), min(pool_cpu, cpu_ms)
+        runs.append(node_side_runs(work, model, paths, args, progress))
+    node = node_side_report(runs, round(pool, 2), capacity, args.models)
+    # Load-robust form of the 0.95 goal: the CPU an image costs the pool alone over what it
+    # costs Lightbox end to end (≤ 1: the share of Lightbox's CPU that is decoding).
+    node["decode_pool_cpu_ms_per_image"] = round(pool_cpu, 2)
+    node["pool_vs_lightbox_cpu_per_image"] = round(
+        pool_cpu / node["infinite_standin"]["cpu_ms_per_image"], 3)
+    return {"mix": mix, "studies": args.studies, "images": len(paths),
+            "load_average_1m": round(os.getloadavg()[0], 2), "node_side": node}
 
 
 def offcpu_rate(rates: dict[str, dict[int, float]], speedup: float) -> float:
@@ -320,6 +473,8 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
     lightbox_runs: list[dict[str, Any]] = []
     offcpu_runs: list[dict[str, Any]] = []
     peer_runs: dict[str, list[dict[str, Any]]] = {decode: [] for decode in args.peer_decodes}
+    capacity: dict[str, float] = {}
+    node_runs: list[dict[str, dict[str, Any]]] = []
     for number in range(args.rounds):  # interleaved: shared CPUs, changing load
         args.round = f"{mix}-{number}"
         # Every contender is measured once per round and the best round of each is kept, so
@@ -330,6 +485,9 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
             for size, rate in by_size.items():
                 best[size] = max(best.get(size, 0.0), rate)
         ceiling = max(ceiling, decode_ceiling(manifest, paths, args.decode_workers))
+        for syntax, rate in decode_capacity(manifest, paths, mix, args.decode_workers).items():
+            capacity[syntax] = max(capacity.get(syntax, 0.0), rate)
+        node_runs.append(node_side_runs(work, model, paths, args, progress))
         lightbox_runs.append(run_lightbox(work, model.bundle, paths, args, progress))
         if args.offcpu_speedup > 0:
             offcpu_runs.append(run_lightbox(work, model.bundle, paths, args, progress,
@@ -354,7 +512,9 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
             **{k: (round(v, 3) if isinstance(v, float) else v)
                for k, v in best_offcpu.items() if k != "scores"},
             "rounds_images_per_s": [round(r["images_per_s"], 2) for r in offcpu_runs],
-            "efficiency_vs_standin": round(best_offcpu["images_per_s"] / standin_bare, 3)}}
+            "efficiency_vs_standin": round(best_offcpu["images_per_s"] / standin_bare, 3),
+            "lightbox_vs_min_device_decode": round(
+                best_offcpu["images_per_s"] / min(standin_bare, ceiling), 3)}}
     agreement = {decode: max((abs(lightbox["scores"][s] - peer["scores"][s])
                               for s in set(lightbox["scores"]) & set(peer["scores"])),
                              default=float("nan")) for decode, peer in peers.items()}
@@ -375,6 +535,9 @@ def measure_mix(work: Path, model: BenchModel, mix: str,
             **{f"peer_{decode}_decode": [round(r["images_per_s"], 2) for r in runs]
                for decode, runs in peer_runs.items()}},
         "efficiency_vs_bare_runtime": round(lightbox["images_per_s"] / bare, 3),
+        "lightbox_vs_min_device_decode": round(lightbox["images_per_s"] / min(bare, ceiling), 3),
+        "node_side": node_side_report(node_runs, round(ceiling, 2), capacity, args.models),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "cpu_accounting": cpu_accounting(lightbox, bare, os.cpu_count() or 1),
         **offcpu,
         "efficiency_vs_decode_ceiling": round(lightbox["images_per_s"] / ceiling, 3),
@@ -432,11 +595,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--studies", type=int, default=60)
     parser.add_argument("--mix", choices=[*sorted(SOURCES), "all"], default="all",
                         help="all: mixed, uncompressed-only and J2K-only, one after another")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="jobs in flight (0 = sized to the node, worker/layout.py)")
+    parser.add_argument("--batch-size", type=int, default=0, help="0 = sized to the node")
+    parser.add_argument("--max-wait-ms", type=float, default=-1.0,
+                        help="negative = sized to the node")
     parser.add_argument("--decode-workers", type=int, default=0,
-                        help="worker decode processes (0 = cores)")
+                        help="worker decode processes (0 = sized to the node)")
+    parser.add_argument("--models", type=int, default=1,
+                        help="models each study is routed to (copies of the bench model)")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="only the node side: decode capacity per syntax, the decode pool, "
+                             "Lightbox on the infinitely fast stand-in (and unshared with "
+                             "--models N)")
     parser.add_argument("--onnx-threads", type=int, default=0,
                         help="worker ONNX Runtime intra-op threads per run (0 = worker default)")
     parser.add_argument("--onnx-parallel-runs", type=int, default=0,
@@ -474,23 +645,37 @@ def main(argv: list[str] | None = None) -> None:
             setup = progress.add_task(f"building {args.model}", total=1)
             model = build_model(args.model, work / "model", args.input_size)
             progress.advance(setup)
-            results = [measure_mix(work, model, mix, args, progress) for mix in mixes]
+            if args.ceiling_only:
+                ceilings = [measure_ceiling(work, model, mix, args, progress)
+                            for mix in mixes]
+            else:
+                results = [measure_mix(work, model, mix, args, progress) for mix in mixes]
     finally:
         if args.keep:
             print(f"work dir kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    if args.ceiling_only:
+        emit_ceiling(model, args, ceilings)
+        return
+    layout = node_layout(Settings(
+        worker_concurrency=args.concurrency, batch_max_size=args.batch_size,
+        batch_max_wait_ms=args.max_wait_ms, decode_workers=args.decode_workers,
+        onnx_threads=args.onnx_threads, onnx_parallel_runs=args.onnx_parallel_runs,
+        runtime="onnxruntime"))
     result = {
         "model": model.description, "database": "postgresql" if args.database_url else "sqlite",
-        "worker": {"concurrency": args.concurrency, "batch_max_size": args.batch_size,
-                   "batch_max_wait_ms": args.max_wait_ms,
-                   "decode_workers": args.decode_workers or os.cpu_count(),
-                   **dict(zip(("onnx_threads", "onnx_parallel_runs"),
-                              run_layout(args.onnx_threads, args.onnx_parallel_runs),
-                              strict=True))},
+        "worker": {"concurrency": layout.worker_concurrency,
+                   "batch_max_size": layout.batch_max_size,
+                   "batch_max_wait_ms": layout.batch_max_wait_ms,
+                   "decode_workers": layout.decode_workers,
+                   "onnx_threads": layout.onnx_threads,
+                   "onnx_parallel_runs": layout.onnx_parallel_runs,
+                   "sized_by": layout.why},
         "corpora": {r["mix"]: r for r in results},
-        "goals": {"efficiency_vs_bare_runtime": 0.9, "speedup_vs_peer": 5.0},
+        "goals": {"efficiency_vs_bare_runtime": 0.9, "speedup_vs_peer": 5.0,
+                  "infinite_standin_vs_decode_pool": 0.95},
     }
 
     summary = f"pipeline ({args.model}): " + "; ".join(
@@ -505,8 +690,58 @@ def main(argv: list[str] | None = None) -> None:
             f"Lightbox {r['lightbox_offcpu_standin']['images_per_s']:.2f} vs "
             f"{r['lightbox_offcpu_standin']['standin_bare_images_per_s']:.2f} → efficiency "
             f"{r['lightbox_offcpu_standin']['efficiency_vs_standin']:.2f}"
-            if args.offcpu_speedup > 0 else "") for r in results)
+            if args.offcpu_speedup > 0 else "") + "; " + node_summary(r["node_side"])
+        for r in results) + f" (load {os.getloadavg()[0]:.1f})"
     emit("pipeline", result, summary, args.out, lambda figure: draw(figure, result))
+
+
+def node_summary(node: dict[str, Any]) -> str:
+    capacity = ", ".join(f"{k} {v:.1f}" for k, v in node["decode_capacity_images_per_s"].items())
+    text = (f"decode capacity {capacity} img/s; pool on the corpus "
+            f"{node['decode_pool_images_per_s']:.1f}; Lightbox on the infinitely fast stand-in "
+            f"({node['models_per_study']} model(s)/study) "
+            f"{node['infinite_standin']['images_per_s']:.1f} → "
+            f"{node['infinite_standin_vs_decode_pool']:.2f} × the pool (goal 0.95)")
+    if "pool_vs_lightbox_cpu_per_image" in node:
+        text += (f", CPU per image pool {node['decode_pool_cpu_ms_per_image']:.1f} ms vs "
+                 f"Lightbox {node['infinite_standin']['cpu_ms_per_image']:.1f} ms → "
+                 f"{node['pool_vs_lightbox_cpu_per_image']:.2f}")
+    if "shared_vs_unshared_decode" in node:
+        text += (f"; unshared decode {node['infinite_standin_no_sharing']['images_per_s']:.1f}"
+                 f" → shared {node['shared_vs_unshared_decode']:.2f}× (goal 3×; per round "
+                 f"{node['shared_vs_unshared_per_round']}; CPU per image "
+                 f"{node['unshared_vs_shared_cpu_per_image']:.2f}× less)")
+    return text
+
+
+def emit_ceiling(model: BenchModel, args: argparse.Namespace,
+                 ceilings: list[dict[str, Any]]) -> None:
+    result = {"model": model.description, "models_per_study": args.models,
+              "corpora": {c["mix"]: c for c in ceilings}}
+
+    def plot(figure: Any) -> None:
+        axis = figure.subplots()
+        labels, values = [], []
+        for c in ceilings:
+            node = c["node_side"]
+            for syntax, rate in node["decode_capacity_images_per_s"].items():
+                labels.append(f"{c['mix']}\ndecode {syntax}")
+                values.append(rate)
+            labels.append(f"{c['mix']}\ndecode pool")
+            values.append(node["decode_pool_images_per_s"])
+            for key in ("infinite_standin", "infinite_standin_no_sharing"):
+                if key in node:
+                    labels.append(f"{c['mix']}\n{key.replace('_', ' ')}")
+                    values.append(node[key]["images_per_s"])
+        axis.bar(range(len(values)), values)
+        axis.set_xticks(range(len(values)), labels, fontsize=7)
+        axis.set_ylabel("images/s")
+        axis.set_title(f"node side, {args.models} model(s) per study")
+
+    summary = "pipeline ceiling: " + "; ".join(
+        f"{c['mix']}: {node_summary(c['node_side'])}" for c in ceilings) + (
+        f" (load {os.getloadavg()[0]:.1f})")
+    emit("pipeline_ceiling", result, summary, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -134,11 +134,20 @@ def scheduler() -> None:
 
 
 @main.command()
-def worker() -> None:
+@click.option("--explain-layout", is_flag=True,
+              help="Print the layout sized to this node (worker/layout.py) and why, and exit.")
+def worker(explain_layout: bool) -> None:
     """Run an inference worker (Celery threads pool; batches images across jobs)."""
     from worker.tasks import run_worker
 
     settings = get_settings()
+    if explain_layout:
+        from worker.layout import gpu_runs_model, node_layout
+
+        gpu, reason = gpu_runs_model(settings)
+        click.echo(node_layout(settings).explain())
+        click.echo(f"GPU detection: {'yes' if gpu else 'no'} ({reason})")
+        return
     setup_logging(settings)
     ensure_db(settings)
     start_probes(settings, worker_checks())

@@ -108,14 +108,21 @@ class Settings(BaseSettings):
 
     # -- worker speed (batching, decode pool, TensorRT) --
     worker_concurrency: int = Field(
-        default=8, description="Jobs in flight per worker process (Celery threads); their "
-        "images are batched together, so this bounds the cross-study batch.")
+        default=0, description="Jobs in flight per worker process (Celery threads); their "
+        "images are batched together, so this bounds the cross-study batch (0 = sized to the "
+        "node, worker/layout.py).")
     batch_max_size: int = Field(
-        default=32, description="Most images in one runtime call (Triton's preferred batch).")
+        default=0, description="Most images in one runtime call (Triton's preferred batch; "
+        "0 = sized to the node).")
     batch_max_wait_ms: float = Field(
-        default=10.0, description="Longest an image waits for a fuller batch (queue delay).")
+        default=-1.0, description="Longest an image waits for a fuller batch (queue delay; "
+        "negative = sized to the node, 0 = no wait).")
     decode_workers: int = Field(
-        default=0, description="Decode/preprocess processes per worker (0 = cores).")
+        default=0, description="Decode/preprocess processes per worker (0 = sized to the "
+        "node).")
+    decode_share_mb: int = Field(
+        default=256, description="Prepared tensors kept per worker so that every model a "
+        "study is routed to shares one decode per image (0 = no sharing).")
     engine_cache_dir: Path | None = Field(
         default=None, description="TensorRT engine cache; default <data dir>/engines.")
     trt_precision: str = Field(default="fp16", description="TensorRT precision: fp32, fp16.")

@@ -7,6 +7,10 @@
 :class:`WorkerPipeline` is the batched path a ``lightbox worker`` runs. :class:`InlineRunner`
 is the same contract without threads or processes (decode in the caller, one runtime call per
 job, a direct commit) for one-off use such as tests and scripts.
+
+Every decode goes through :class:`~worker.shared_decode.SharedDecoder`: the jobs of a study
+routed to several models (one job per model) share one decode per image and preprocessing
+spec, and the pipeline is sized to the node (:mod:`worker.layout`) where settings say auto.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from lightbox.settings import Settings
 from worker.batcher import Batcher, BatchInfo, ImageResult
 from worker.decode_pool import DecodePool, InlineDecoder
 from worker.heartbeat import Heartbeats
+from worker.layout import model_batch_limit, sized_settings
 from worker.model_cache import LoadedModel, ModelCache
+from worker.shared_decode import SharedDecoder
 from worker.writer import JobResult, ResultWriter, write_group
 
 log = logging.getLogger(__name__)
@@ -102,8 +108,10 @@ class WorkerPipeline:
 
     def __init__(self, settings: Settings, cache: ModelCache,
                  decoder: DecodePool | InlineDecoder | None = None) -> None:
+        settings = sized_settings(settings)
         self.settings, self.cache = settings, cache
-        self.decoder = decoder if decoder is not None else DecodePool(settings.decode_workers)
+        inner = decoder if decoder is not None else DecodePool(settings.decode_workers)
+        self.decoder = SharedDecoder(inner, settings.decode_share_mb * 1024 * 1024)
         self.writer = ResultWriter(settings)
         self.heartbeats = Heartbeats(settings)
         self._batchers: dict[int, Batcher] = {}
@@ -113,9 +121,7 @@ class WorkerPipeline:
         with self._lock:
             batcher = self._batchers.get(model.model_id)
             if batcher is None:
-                limit = self.settings.batch_max_size
-                if not model.manifest.input.dynamic_batch:
-                    limit = 1
+                limit = model_batch_limit(model.manifest, self.settings.batch_max_size)
                 runtime_limit = getattr(model.runtime, "max_batch", None)
                 if runtime_limit:
                     limit = min(limit, int(runtime_limit))
@@ -201,6 +207,8 @@ class WorkerPipeline:
                 log.warning("could not preload model %s (id %s)", name, model_id, exc_info=True)
 
     def close(self) -> None:
+        log.info("decodes: %d run, %d request(s) served by another job's decode",
+                 self.decoder.decodes, self.decoder.shared)
         self.heartbeats.close()
         for batcher in self.batchers().values():
             batcher.close()

@@ -33,6 +33,7 @@ from lightbox import metrics
 from lightbox.celery_app import make_celery
 from lightbox.settings import Settings, get_settings
 from lightbox.tasks import PROCESS_JOB, QUEUE
+from worker.layout import sized_settings
 from worker.model_cache import ModelCache, RuntimeLoader
 from worker.pipeline import WorkerPipeline
 from worker.process import run_job, worker_name
@@ -46,6 +47,7 @@ def build_app(settings: Settings,
     """The Celery app and the pipeline its task runs. ``loader`` makes each model's runtime
     (:class:`~worker.model_cache.ModelCache`'s extension point; the benchmarks' stand-in
     accelerator comes in through it)."""
+    settings = sized_settings(settings)  # auto values sized to the node (worker/layout.py)
     app = make_celery(settings)
     runtime_kind = choose_runtime(settings)
     pipeline = WorkerPipeline(settings, ModelCache(settings, runtime_kind, loader))
@@ -76,7 +78,7 @@ def _touch_worker(settings: Settings, runtime: str) -> None:
 
 def run_worker(settings: Settings | None = None, loglevel: str = "INFO",
                loader: RuntimeLoader = load_runtime) -> None:
-    settings = settings or get_settings()
+    settings = sized_settings(settings or get_settings())
     set_worker_timeouts(settings.worker_db_timeout_seconds)
     app, pipeline = build_app(settings, loader)
     runtime_kind = pipeline.cache.runtime_kind
