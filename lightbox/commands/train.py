@@ -113,13 +113,17 @@ def train_with_progress(settings: Settings, **kwargs: object):  # type: ignore[n
 @click.option("--features", default=None,
               help="tabular: comma-separated header keywords (default: KVP, ExposureInuAs, "
                    "DistanceSourceToDetector, PatientAge, PatientSex, Manufacturer).")
+@click.option("--fuse-with", "fuse_with", default=None, metavar="MODEL",
+              help="tabular: a late-fusion head that also takes the production version of "
+                   "image model MODEL's scores on the same file (needs --data and "
+                   "--labels-csv; the worker runs MODEL, then the head).")
 @click.option("--json", "as_json", is_flag=True, help="stdout is one JSON document only.")
 def train(name: str, data: Path | None, labels_csv: Path | None, images: int, architecture: str,
           size: int, epochs: int, batch_size: int, lr: float, patience: int, seed: int,
           val_fraction: float, test_fraction: float, threshold_policy: str | None,
           version: str | None, resume: bool, register: bool, promote: bool, monitor: str,
           background_class: str | None, confident_accuracy: float | None, kind: str,
-          features: str | None, as_json: bool) -> None:
+          features: str | None, fuse_with: str | None, as_json: bool) -> None:
     """Train a model, export a verified ONNX bundle and register it as staging.
 
     One line per epoch (losses, AUROC, accuracy, seconds) and the early-stopping decision go
@@ -146,6 +150,11 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
         config = replace(config, architecture="tabular_mlp", input_size=1)
         if data is not None and labels_csv is None:
             raise click.UsageError("--kind tabular with --data needs --labels-csv")
+    fusion_bundle = None
+    if fuse_with is not None:
+        if kind != "tabular" or data is None:
+            raise click.UsageError("--fuse-with needs --kind tabular, --data and --labels-csv")
+        fusion_bundle = _production_bundle(fuse_with)
     if data is None:
         what = "header value sets" if kind == "tabular" else "radiographs"
         err_console.print(f"training on {images} SYNTHETIC {what} (not patient data)")
@@ -158,6 +167,11 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
                     if features else DEFAULT_FEATURES
                 dataset = (synthetic_tabular_set(images, keywords, seed=seed) if data is None
                            else csv_tabular_set(data, labels_csv, keywords))  # type: ignore[arg-type]
+                if fusion_bundle is not None:
+                    from trainer.tabular import fuse_image_scores
+
+                    report(f"scoring with {fuse_with}", 0, 1)
+                    dataset = fuse_image_scores(dataset, fusion_bundle)
             else:
                 dataset = load_training_data(settings, config, data=data,
                                              labels_csv=labels_csv, synthetic_images=images,
@@ -173,6 +187,7 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
     report_doc = {
         "bundle": str(result.bundle_dir), "version": result.version, "stage": stage,
         "task": manifest.task, "monitor": manifest.monitor,
+        "fuse_with": manifest.fuse_with.model_dump() if manifest.fuse_with else None,
         "background_class": manifest.background_class,
         "confident_threshold": manifest.confident_threshold, "synthetic": manifest.synthetic,
         "metrics": result.metrics, "thresholds": manifest.thresholds,
@@ -192,6 +207,17 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
     if register and not promote:
         console.print(f"promote with: lightbox models promote {config.name} {result.version}",
                       soft_wrap=True)
+
+
+def _production_bundle(name: str) -> Path:
+    """The bundle of ``name``'s production version (a fusion head is trained on its scores)."""
+    from db.registry import production_model
+
+    with db_session() as session:
+        row = production_model(session, name)
+        if row is None:
+            raise click.ClickException(f"--fuse-with {name}: no production version of {name}")
+        return Path(row.bundle_path)
 
 
 @click.command("compile")
