@@ -59,7 +59,7 @@ def heads(tmp_path_factory: pytest.TempPathFactory,
                    "--labels-csv", str(labels), "--version", "fused" if extra else "header",
                    *extra)
         assert out.returncode == 0, out.stderr[-3000:]
-        reports.append(json.loads(out.stdout))  # stdout is pure JSON
+        reports.append({**json.loads(out.stdout), "data_dir": str(data_dir)})  # pure JSON
     return reports[0], reports[1]
 
 
@@ -173,3 +173,18 @@ def test_compile_refuses_a_metadata_bundle(heads: tuple[dict[str, object], dict[
     assert len(message) == 1 and "metadata (tabular) model: nothing to compile" in message[0]
     assert load_manifest(bundle).files == before  # nothing added
 
+
+
+def test_fused_candidate_compared_with_header_only_production(
+        heads: tuple[dict[str, object], dict[str, object]]) -> None:
+    """`lightbox models promote` scores a fusion head on its held-out files with its image
+    model's scores, and the header-only production version on the same files."""
+    data_dir = Path(str(heads[0]["data_dir"]))
+    out = _cli(data_dir, "models", "promote", "admit", "header")
+    assert out.returncode == 0, out.stderr
+    out = _cli(data_dir, "models", "promote", "admit", "fused")
+    assert out.returncode == 0, out.stderr
+    assert "held-out test set of fused (100 images)" in out.stderr
+    assert "now production" in out.stdout
+    back = _cli(data_dir, "models", "promote", "admit", "header")  # worse: refused
+    assert back.returncode == 1 and "refused" in back.stderr
