@@ -88,6 +88,21 @@ class VolumeSpec(BaseModel):
                                  "smaller than this are not lesions (speckle), in mL")
 
 
+class FusionSpec(BaseModel):
+    """A late-fusion head: a metadata model whose input also holds an image model's scores on
+    the same image, appended after the header features in ``scores`` order. The worker runs
+    that image model (exactly ``model`` ``version``, the production version the head was
+    trained on) and then the head, decoding the pixels once."""
+
+    model: str
+    version: str
+    scores: list[str] = Field(description="The image model's labels whose scores are inputs.")
+
+    @property
+    def width(self) -> int:
+        return len(self.scores)
+
+
 class Manifest(BaseModel):
     schema_version: int = MANIFEST_SCHEMA
     name: str
@@ -136,6 +151,9 @@ class Manifest(BaseModel):
     # (N, width, 1, 1) so runtimes and batchers treat it like any tensor; no pixels decoded.
     kind: Literal["image", "tabular"] = "image"
     features: list[FeatureSpec] = Field(default_factory=list)
+    fuse_with: FusionSpec | None = Field(
+        default=None, description="tabular: an image model whose scores on the same image are "
+        "extra inputs (a late-fusion head); None: header values only.")
     monitor: str | None = Field(
         default=None, description="What early stopping monitored and the best epoch was kept "
         "by: 'val_loss' (default), 'auroc' or 'accuracy'.")

@@ -120,3 +120,15 @@ def prepare_header_file(path: Path | str, manifest: Manifest) -> np.ndarray:
     """The model input of one file for a tabular manifest: (width, 1, 1) float32."""
     keywords = [f.keyword for f in manifest.features]
     return encode(read_header(path, keywords), manifest.features)[:, None, None]
+
+
+def fused_input(header_vector: np.ndarray, scores: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """A late-fusion head's input for one image: its encoded header values (width, 1, 1) and
+    then the image model's scores, as the trainer built them: (width + scores, 1, 1)."""
+    assert manifest.fuse_with is not None
+    extra = np.asarray(scores, np.float32).reshape(-1)
+    if extra.shape[0] != manifest.fuse_with.width:
+        raise ValueError(f"image model gave {extra.shape[0]} score(s), the fusion head "
+                         f"takes {manifest.fuse_with.width}")
+    return np.concatenate([np.asarray(header_vector, np.float32).reshape(-1),
+                           extra])[:, None, None]

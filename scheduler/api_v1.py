@@ -98,6 +98,12 @@ def audit(session: Session, principal: Principal, action: str, *, job_id: int | 
                               "action": action, **detail}))
 
 
+def token_actor(principal: Principal) -> str:
+    """Who acts, in the registry's audit events (``model_promoted``, ``model_retired``): the
+    API token's name, as the CLI names the OS user (``os:NAME``)."""
+    return f"token:{principal.name}"
+
+
 def heatmap_url(settings: Settings, job_id: int, sop: str | None) -> str | None:
     if sop and heatmap_path(settings, job_id, sop).is_file():
         return f"/api/v1/heatmaps/{job_id}/{sop}.png"
@@ -282,15 +288,32 @@ def make_router(settings: Settings, auth: Authenticator) -> APIRouter:
 
     @router.post("/models/{name}/{version}/promote", summary="Make this version the production "
                  "one (operator)")
-    def promote(name: str, version: str, who: Principal = operator) -> dict[str, Any]:
+    def promote(name: str, version: str, who: Principal = operator,
+                reason: str | None = Query(None, max_length=500)) -> dict[str, Any]:
         from db.registry import promote as promote_model
 
         with session_scope(url) as session:
             try:
-                row = promote_model(session, name, version)
+                row = promote_model(session, name, version, reason=reason,
+                                    actor=token_actor(who))
             except ModelNotFoundError as exc:
                 raise HTTPException(404, str(exc)) from exc
             audit(session, who, "promote", model=name, version=version)
+            return q.model_row(row)
+
+    @router.post("/models/{name}/{version}/retire", summary="Take this version out of service "
+                 "(operator)")
+    def retire(name: str, version: str, who: Principal = operator,
+               reason: str | None = Query(None, max_length=500)) -> dict[str, Any]:
+        from db.registry import retire as retire_model
+
+        with session_scope(url) as session:
+            try:
+                row = retire_model(session, name, version, reason=reason,
+                                   actor=token_actor(who))
+            except ModelNotFoundError as exc:
+                raise HTTPException(404, str(exc)) from exc
+            audit(session, who, "retire", model=name, version=version)
             return q.model_row(row)
 
     @router.get("/status", summary="What `lightbox status --format json` gives")

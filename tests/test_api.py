@@ -258,6 +258,20 @@ def test_api_v1(api: tuple[httpx.Client, Seeded, Backend]) -> None:
     assert client.get("/api/v1/models/chest/nope").status_code == 404
     assert client.post(f"/api/v1/models/chest/{version}/promote", headers=reader).status_code == 403
     assert client.post(f"/api/v1/models/chest/{version}/promote").json()["stage"] == "production"
+    assert client.post(f"/api/v1/models/chest/{version}/retire", headers=reader).status_code == 403
+    assert client.post("/api/v1/models/chest/nope/retire").status_code == 404
+    retired = client.post(f"/api/v1/models/chest/{version}/retire",
+                          params={"reason": "api test"}).json()
+    assert retired["stage"] == "retired"
+    assert client.post(f"/api/v1/models/chest/{version}/promote",
+                       params={"reason": "back"}).json()["stage"] == "production"
+    # The registry's own events name the token (as the CLI names the OS user).
+    with session_scope(backend.settings.sqlalchemy_url) as session:
+        model_events = [(e.kind, e.detail.get("actor"), e.detail.get("reason"))
+                        for e in session.scalars(select(Event).where(Event.kind.in_(
+                            ["model_retired", "model_promoted"])).order_by(Event.id))]
+    assert model_events[-2:] == [("model_retired", "token:ops", "api test"),
+                                 ("model_promoted", "token:ops", "back")], model_events
 
     # -- status: what `lightbox status --format json` gives, without file names
     status = client.get("/api/v1/status").json()
@@ -273,7 +287,8 @@ def test_api_v1(api: tuple[httpx.Client, Seeded, Backend]) -> None:
         audits = [e.detail for e in session.scalars(
             select(Event).where(Event.kind == "api_audit").order_by(Event.id))]
     assert [(a["token"], a["action"]) for a in audits] == [
-        ("ops", "retry"), ("ops", "cancel"), ("ops", "promote")]
+        ("ops", "retry"), ("ops", "cancel"), ("ops", "promote"), ("ops", "retire"),
+        ("ops", "promote")]
 
 
 def _cli() -> list[str]:

@@ -178,6 +178,12 @@ def compile_bundle(
     progress = progress or (lambda stage, done, total: None)
     bundle_dir = Path(bundle_dir).resolve()
     manifest = load_manifest(bundle_dir, verify=True)
+    if manifest.kind == "tabular":
+        # A few-kilobyte MLP on header values: ONNX Runtime FP32 already runs it in
+        # microseconds, and there are no images to calibrate INT8 or an engine with.
+        raise ConfigurationError(
+            f"{manifest.name} {manifest.version} is a metadata (tabular) model: nothing to "
+            "compile, the worker runs its model.onnx with ONNX Runtime as it is")
     if manifest.input.channels < 1 or calibration_images < 1:
         raise ManifestError("nothing to calibrate with")
     progress("reading calibration images", 0, 1)

@@ -70,8 +70,25 @@ def _load_headers(training: Manifest, reader: Manifest, data: Path | None,
                                  keywords)
     headers = fitted.summary["headers"]
     x = np.stack([encode(h, reader.features) for h in headers])[:, :, None, None]  # type: ignore[union-attr,attr-defined]
+    if reader.fuse_with is not None:
+        x = _with_image_scores(reader, x, fitted.summary.get("paths"))
     return LabelledSet(x.astype(np.float32), fitted.y, fitted.patients, fitted.labels,
                        fitted.task, {})
+
+
+def _with_image_scores(reader: Manifest, x: np.ndarray, paths: object) -> np.ndarray:
+    """A fusion head's inputs: the encoded headers and its image model's scores on the same
+    files, from the image bundle it was trained with (recorded in its training summary)."""
+    from trainer.tabular import image_model_scores
+
+    fusion = reader.training_data.get("fuse_with")
+    bundle = fusion.get("bundle") if isinstance(fusion, dict) else None
+    if not isinstance(paths, list) or not bundle or not Path(str(bundle)).is_dir():
+        raise ConfigurationError(f"{reader.name} {reader.version} is a fusion head: comparing "
+                                 "needs DICOM files (--eval-data, --labels-csv) and its image "
+                                 "model's bundle")
+    _, scores = image_model_scores(Path(str(bundle)), [str(p) for p in paths])
+    return np.concatenate([x[:, :, 0, 0], scores], axis=1)[:, :, None, None]
 
 
 def _heldout(candidate: Manifest, data: LabelledSet) -> tuple[np.ndarray, str]:

@@ -10,6 +10,11 @@ manifest, and the worker applies it to each file's header without decoding pixel
 The demonstration task needs no patient data to leave the DICOM: predicting the view (PA, AP,
 LATERAL) from acquisition values, trained on SYNTHETIC header distributions
 (:func:`synthetic_headers`), e.g. to flag a ViewPosition tag that disagrees.
+
+A late-fusion head (:func:`fuse_image_scores`) also takes an image model's scores on the same
+file as inputs: the image model runs through the shared preprocessing and ONNX Runtime, as in
+the worker. Its demonstration (:func:`write_fusion_files`) is a SYNTHETIC task whose label
+depends on both the header and the image.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from pydicom.dataset import Dataset
 from torch import nn
 
 from lightbox.errors import ConfigurationError
-from lightbox.synthetic import cr_dataset
+from lightbox.manifest import Manifest, load_manifest
+from lightbox.preprocess import prepare_file
+from lightbox.synthetic import chest_image, cr_dataset, to_stored
 from lightbox.tabular import encode, fit_features, read_header
 from trainer.datasets import LabelledSet, csv_source, hash_patient
+from trainer.export import onnx_scores
 
 DEFAULT_FEATURES = ["KVP", "ExposureInuAs", "DistanceSourceToDetector", "PatientAge",
                     "PatientSex", "Manufacturer"]
@@ -134,9 +142,10 @@ def synthetic_tabular_set(count: int, keywords: list[str] | None = None, seed: i
 
 def csv_tabular_set(root: Path, labels_csv: Path, keywords: list[str]) -> LabelledSet:
     """Files named in a labels CSV (as for image models); only their headers are read. Files
-    that cannot be read are skipped and counted."""
+    that cannot be read are skipped and counted. The summary's ``paths`` (the files read, in
+    order) are for a late-fusion head's image scores; they stay out of the manifest."""
     source = csv_source(root, labels_csv)
-    headers, targets, patients, skipped = [], [], [], 0
+    headers, targets, patients, paths, skipped = [], [], [], [], 0
     for number, item in enumerate(source.items):
         try:
             headers.append(read_header(item.path, keywords))
@@ -144,7 +153,76 @@ def csv_tabular_set(root: Path, labels_csv: Path, keywords: list[str]) -> Labell
             skipped += 1
             continue
         targets.append(item.target)
+        paths.append(str(item.path))
         patients.append(item.patient or hash_patient(f"{labels_csv.name}-{number}"))
     return tabular_set(headers, np.asarray(targets), source.labels, source.task, keywords,
                        np.asarray(patients), {**source.describe, "images": len(headers),
-                                              "skipped": skipped})
+                                              "skipped": skipped, "paths": paths})
+
+
+def image_model_scores(image_bundle: Path, paths: list[str]) -> tuple[Manifest, np.ndarray]:
+    """An image model's scores on files, as the worker computes them: the shared
+    preprocessing (:func:`lightbox.preprocess.prepare_file`) and ONNX Runtime on the bundle's
+    verified ``model.onnx``. Returns (its manifest, scores (N, labels))."""
+    manifest = load_manifest(image_bundle, verify=True)
+    if manifest.kind != "image":
+        raise ConfigurationError(f"{manifest.name} {manifest.version} is a {manifest.kind} "
+                                 "model: a fusion head takes an image model's scores")
+    scores = []
+    for start in range(0, len(paths), 64):
+        batch = np.stack([prepare_file(p, manifest) for p in paths[start:start + 64]])
+        scores.append(onnx_scores(image_bundle / "model.onnx", batch))
+    return manifest, np.concatenate(scores).astype(np.float32).reshape(len(paths), -1)
+
+
+def fuse_image_scores(data: LabelledSet, image_bundle: Path) -> LabelledSet:
+    """A metadata set with an image model's scores on the same files appended to each input
+    vector (a late-fusion head); the image model is recorded by name and version."""
+    paths = data.summary.get("paths")
+    if not isinstance(paths, list) or len(paths) != len(data):
+        raise ConfigurationError("a fusion head needs DICOM files with images: train it with "
+                                 "--data and --labels-csv")
+    manifest, scores = image_model_scores(image_bundle, paths)
+    x = np.concatenate([data.x[:, :, 0, 0], scores], axis=1)[:, :, None, None]
+    fusion = {"model": manifest.name, "version": manifest.version,
+              "scores": list(manifest.labels), "bundle": str(image_bundle)}
+    # A head on a SYNTHETIC image model's scores is no better than its input: it says so too.
+    synthetic = {"synthetic": True, "synthetic_because": f"image model {manifest.name} "
+                 f"{manifest.version} was trained on SYNTHETIC data"} if manifest.synthetic \
+        else {}
+    return LabelledSet(x.astype(np.float32), data.y, data.patients, data.labels, data.task,
+                       {**data.summary, "fuse_with": fusion, **synthetic})
+
+
+FUSION_LABEL = "admit"
+FUSION_AGE = 55.0
+
+
+def write_fusion_files(out_dir: Path, count: int, seed: int = 0, missing: float = 0.05,
+                       ) -> Path:
+    """SYNTHETIC CR files for a task that needs both the header and the image: ``admit`` is 1
+    when the image shows an opacity AND the patient is at least 55 (an invented triage rule,
+    not clinical advice). Headers as :func:`synthetic_headers`, images as the synthetic seed
+    model's (128 px radiographs, half with an opacity). Writes ``labels.csv`` (file, patient,
+    admit) and returns its path."""
+    headers, views = synthetic_headers(count, seed, missing=0.0)
+    rng = np.random.default_rng(seed + 7)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["file,patient,admit"]
+    for number, (header, view) in enumerate(zip(headers, views, strict=True), 1):
+        opacity = bool(rng.random() < 0.5)
+        age = float(str(header["PatientAge"])[:3])
+        label = int(opacity and age >= FUSION_AGE)
+        monochrome1 = bool(rng.integers(0, 2))
+        stored = to_stored(chest_image(rng, size=128, opacity=opacity), monochrome1)
+        patient = f"SYNFUSE{seed:03d}{number:05d}"
+        ds = cr_dataset(stored, study_uid=pydicom.uid.generate_uid(),
+                        series_uid=pydicom.uid.generate_uid(), monochrome1=monochrome1,
+                        label=label, patient_id=patient, view=view)
+        _apply(ds, {k: (None if rng.random() < missing else v) for k, v in header.items()})
+        name = f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(out_dir / name, enforce_file_format=True)
+        rows.append(f"{name},{patient},{label}")
+    labels_csv = out_dir / "labels.csv"
+    labels_csv.write_text("\n".join(rows) + "\n")
+    return labels_csv

@@ -24,7 +24,7 @@ from torch import nn
 
 from db.registry import register_bundle
 from db.session import session_scope
-from lightbox.manifest import FeatureSpec, InputSpec, Manifest, PreprocessSpec
+from lightbox.manifest import FeatureSpec, FusionSpec, InputSpec, Manifest, PreprocessSpec
 from lightbox.settings import Settings
 from trainer.architectures import Scorer, build_network, has_cam
 from trainer.datasets import LabelledSet, load_source, open_source
@@ -248,8 +248,14 @@ def _with_features(draft: Manifest, data: LabelledSet) -> Manifest:
         return draft
     specs = [FeatureSpec.model_validate(f) for f in features]  # type: ignore[union-attr,attr-defined]
     width = sum(spec.width for spec in specs)
+    fusion = data.summary.get("fuse_with")
+    fuse_with = None
+    if isinstance(fusion, dict):  # a late-fusion head: image scores after the header values
+        fuse_with = FusionSpec(model=str(fusion["model"]), version=str(fusion["version"]),
+                               scores=list(fusion["scores"]))  # type: ignore[call-overload]
+        width += fuse_with.width
     return draft.model_copy(update={
-        "kind": "tabular", "features": specs,
+        "kind": "tabular", "features": specs, "fuse_with": fuse_with,
         "input": InputSpec(name="features", channels=width, height=1, width=1)})
 
 
@@ -331,7 +337,7 @@ def train_model(
                 "confident_threshold": confident,
                 "training_data": {
                     **{k: v for k, v in data.summary.items()
-                       if k not in ("cache", "features", "headers")},  # no header values
+                       if k not in ("cache", "features", "headers", "paths")},  # no header values
                     "source": data.summary.get("kind"), "positives": positives,
                     "train_images": len(train), "validation_images": len(val),
                     "test_images": len(test),

@@ -59,6 +59,9 @@ class JobRunner(Protocol):
     def infer_shared(self, models: list[LoadedModel], job_id: int,
                      images: list[ImageRef]) -> list[list[ImageResult] | None]: ...
 
+    def infer_tensors(self, model: LoadedModel, job_id: int,
+                      tensors: list[np.ndarray]) -> list[ImageResult]: ...
+
     def commit(self, result: JobResult) -> None: ...
 
 
@@ -184,6 +187,15 @@ class WorkerPipeline:
         first = _wait_all(images, per_model[0], decodes, timeout)
         return [first, *(_others(images, futures, timeout) for futures in per_model[1:])]
 
+    def infer_tensors(self, model: LoadedModel, job_id: int,
+                      tensors: list[np.ndarray]) -> list[ImageResult]:
+        """Inputs built by the caller (a fusion head's header values and image scores) into
+        the model's batcher, as decoded images go."""
+        batcher = self.batcher_for(model)
+        futures = [batcher.submit(tensor, job_id) for tensor in tensors]
+        timeout = float(self.settings.visibility_timeout)
+        return [future.result(timeout=timeout) for future in futures]
+
     @staticmethod
     def _to_batchers(batchers: list[Batcher], job_id: int, outs: list[Future[ImageResult]],
                      decode: Future[np.ndarray]) -> None:
@@ -269,6 +281,15 @@ class InlineRunner:
                                          for name, value in outputs.items()}, info)
                             for i in range(len(images))])
         return results
+
+    def infer_tensors(self, model: LoadedModel, job_id: int,
+                      tensors: list[np.ndarray]) -> list[ImageResult]:
+        if not tensors:
+            return []
+        outputs = model.runtime.infer(np.stack(tensors))
+        info = BatchInfo(0, len(tensors), (job_id,))
+        return [ImageResult({name: np.asarray(value)[i] for name, value in outputs.items()}, info)
+                for i in range(len(tensors))]
 
     def commit(self, result: JobResult) -> None:
         write_group(self.settings, [result])

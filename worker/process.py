@@ -22,13 +22,14 @@ from db import jobs as job_states
 from db.models import Instance, Job, Model, ModelStage, Series, Study
 from db.session import session_scope
 from lightbox import metrics
-from lightbox.errors import LightboxError, PixelDecodeError
+from lightbox.errors import LightboxError, ModelNotFoundError, PixelDecodeError
 from lightbox.heatmaps import save_heatmap
 from lightbox.manifest import Manifest
 from lightbox.roots import stored_file
 from lightbox.settings import Settings
+from lightbox.tabular import fused_input, prepare_header_file
 from worker.batcher import ImageResult
-from worker.findings import finding_rows
+from worker.findings import finding_rows, scores_of
 from worker.model_cache import LoadedModel, ModelCache
 from worker.pipeline import ImageRef, InlineRunner, JobRunner, same_input
 from worker.volume_job import run_volume_job, series_paths
@@ -107,6 +108,34 @@ def _save_heatmaps(settings: Settings, job_id: int, manifest: Manifest,
     return saved
 
 
+def _fusion_source(session, model_row: Model) -> tuple[int, str] | str | None:  # type: ignore[no-untyped-def]
+    """A fusion head's image model as (id, bundle path), by the name and version its manifest
+    names; a message when that version is not registered; None for any other model."""
+    fusion = (model_row.manifest or {}).get("fuse_with")
+    if not fusion:
+        return None
+    row = session.scalars(select(Model).where(Model.name == fusion["model"],
+                                              Model.version == fusion["version"])).first()
+    if row is None:
+        return (f"fusion head {model_row.name} {model_row.version} needs image model "
+                f"{fusion['model']} {fusion['version']}, which is not registered")
+    return row.id, row.bundle_path
+
+
+def _fused(runner: JobRunner, job_id: int, head: LoadedModel, image_model: LoadedModel,
+           images: list[ImageRef]) -> list[ImageResult]:
+    """A late-fusion head on each image: the image model first (pixels decoded once, by its
+    preprocessing), then the head on the image's encoded header values (read without pixels)
+    followed by the image model's scores."""
+    if not images:
+        return []
+    seen = runner.infer_images(image_model, job_id, images)
+    tensors = [fused_input(prepare_header_file(image.path, head.manifest),
+                           scores_of(image_model.manifest, result.outputs), head.manifest)
+               for image, result in zip(images, seen, strict=True)]
+    return runner.infer_tensors(head, job_id, tensors)
+
+
 def _batches(results: list[ImageResult]) -> list[dict[str, Any]]:
     seen: dict[int, dict[str, Any]] = {}
     for result in results:
@@ -151,6 +180,7 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
         bundle_path, model_name = model_row.bundle_path, model_row.name
         received_at = session.scalar(select(Study.last_received_at)
                                      .where(Study.id == job.study_id))
+        fusion = _fusion_source(session, model_row)
         shadows = [(r.id, r.bundle_path) for r in session.scalars(
             select(Model).where(Model.name == model_row.name, Model.shadow.is_(True),
                                 Model.stage == ModelStage.staging, Model.id != model_row.id))]
@@ -163,7 +193,14 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
             run_volume_job(settings, runner, model, job, *volume_series)
             _observe_success(model_name, sum(len(p) for p in volume_series[1:2]), received_at)
             return "succeeded"
-        if shadows:
+        if isinstance(fusion, str):
+            raise ModelNotFoundError(fusion)
+        if fusion is not None:
+            if shadows:
+                log.warning("job %s: shadow versions do not run beside a fusion head", job_id)
+            results = _fused(runner, job_id, model, runner.cache.get(*fusion), images)
+            shadow_results = []
+        elif shadows:
             results, shadow_results = _infer(runner, job_id, model,
                                              _load_shadows(runner, job_id, shadows), images)
         else:

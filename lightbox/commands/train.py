@@ -113,6 +113,10 @@ def train_with_progress(settings: Settings, **kwargs: Any) -> Any:
 @click.option("--features", default=None,
               help="tabular: comma-separated header keywords (default: KVP, ExposureInuAs, "
                    "DistanceSourceToDetector, PatientAge, PatientSex, Manufacturer).")
+@click.option("--fuse-with", "fuse_with", default=None, metavar="MODEL",
+              help="tabular: a late-fusion head that also takes the production version of "
+                   "image model MODEL's scores on the same file (needs --data and "
+                   "--labels-csv; the worker runs MODEL, then the head).")
 @click.option("--json", "as_json", is_flag=True, help="stdout is one JSON document only.")
 @click.option("--volume", type=click.Choice(["segmentation", "classification"]), default=None,
               help="Train a 3-D CT model on SYNTHETIC phantoms instead (trainer/volume_train.py; "
@@ -123,8 +127,8 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
           val_fraction: float, test_fraction: float, threshold_policy: str | None,
           version: str | None, resume: bool, register: bool, promote: bool, monitor: str,
           background_class: str | None, confident_accuracy: float | None, kind: str,
-          features: str | None, as_json: bool, volume: str | None = None,
-          steps: int = 40) -> None:
+          features: str | None, fuse_with: str | None, as_json: bool,
+          volume: str | None = None, steps: int = 40) -> None:
     """Train a model, export a verified ONNX bundle and register it as staging.
 
     One line per epoch (losses, AUROC, accuracy, seconds) and the early-stopping decision go
@@ -155,6 +159,11 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
         config = replace(config, architecture="tabular_mlp", input_size=1)
         if data is not None and labels_csv is None:
             raise click.UsageError("--kind tabular with --data needs --labels-csv")
+    fusion_bundle = None
+    if fuse_with is not None:
+        if kind != "tabular" or data is None:
+            raise click.UsageError("--fuse-with needs --kind tabular, --data and --labels-csv")
+        fusion_bundle = _production_bundle(fuse_with)
     if data is None:
         what = "header value sets" if kind == "tabular" else "radiographs"
         err_console.print(f"training on {images} SYNTHETIC {what} (not patient data)")
@@ -167,6 +176,11 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
                     if features else DEFAULT_FEATURES
                 dataset = (synthetic_tabular_set(images, keywords, seed=seed) if data is None
                            else csv_tabular_set(data, labels_csv, keywords))  # type: ignore[arg-type]
+                if fusion_bundle is not None:
+                    from trainer.tabular import fuse_image_scores
+
+                    report(f"scoring with {fuse_with}", 0, 1)
+                    dataset = fuse_image_scores(dataset, fusion_bundle)
             else:
                 dataset = load_training_data(settings, config, data=data,
                                              labels_csv=labels_csv, synthetic_images=images,
@@ -182,6 +196,7 @@ def train(name: str, data: Path | None, labels_csv: Path | None, images: int, ar
     report_doc = {
         "bundle": str(result.bundle_dir), "version": result.version, "stage": stage,
         "task": manifest.task, "monitor": manifest.monitor,
+        "fuse_with": manifest.fuse_with.model_dump() if manifest.fuse_with else None,
         "background_class": manifest.background_class,
         "confident_threshold": manifest.confident_threshold, "synthetic": manifest.synthetic,
         "metrics": result.metrics, "thresholds": manifest.thresholds,
@@ -224,6 +239,16 @@ def _train_volume(kind: str, name: str | None, steps: int, seed: int, version: s
     print(to_json({"bundle": str(result.bundle_dir), "version": result.manifest.version,
                    "metrics": result.manifest.metrics, "thresholds": result.manifest.thresholds,
                    "seconds": round(result.seconds, 1)}))
+def _production_bundle(name: str) -> Path:
+    """The bundle of ``name``'s production version (a fusion head is trained on its scores)."""
+    from db.registry import production_model
+    from lightbox.roots import bundle_dir
+
+    with db_session() as session:
+        row = production_model(session, name)
+        if row is None:
+            raise click.ClickException(f"--fuse-with {name}: no production version of {name}")
+        return bundle_dir(get_settings(), row.bundle_path)
 
 
 @click.command("compile")
