@@ -42,7 +42,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -120,7 +120,7 @@ class _Slots:
         self.shm.unlink()
 
 
-def _copy_out(slots: _Slots, slot: int, out: Future[np.ndarray], source: Future[object]) -> None:
+def _copy_out(slots: _Slots, slot: int, out: Future[np.ndarray], source: Future[Any]) -> None:
     """Runs in the executor's thread when the child is done: the tensor out of its slot."""
     try:
         if source.cancelled():
@@ -134,7 +134,7 @@ def _copy_out(slots: _Slots, slot: int, out: Future[np.ndarray], source: Future[
         if isinstance(value, np.ndarray):
             out.set_result(value)
         else:
-            shape, dtype = value  # type: ignore[misc]
+            shape, dtype = cast(tuple[tuple[int, ...], str], value)
             out.set_result(slots.read(slot, tuple(shape), dtype))
     except InvalidStateError:  # the caller cancelled meanwhile: nothing to deliver
         pass
@@ -142,7 +142,7 @@ def _copy_out(slots: _Slots, slot: int, out: Future[np.ndarray], source: Future[
         slots.give(slot)
 
 
-def _cancel_source(source: Future[object], out: Future[np.ndarray]) -> None:
+def _cancel_source(source: Future[Any], out: Future[np.ndarray]) -> None:
     if out.cancelled():
         source.cancel()
 

@@ -199,7 +199,7 @@ def run_job(settings: Settings, runner: JobRunner | ModelCache, job_id: int) -> 
             if shadows:
                 log.warning("job %s: shadow versions do not run beside a fusion head", job_id)
             results = _fused(runner, job_id, model, runner.cache.get(*fusion), images)
-            shadow_results = []
+            shadow_results: list[tuple[LoadedModel, list[ImageResult]]] = []
         elif shadows:
             results, shadow_results = _infer(runner, job_id, model,
                                              _load_shadows(runner, job_id, shadows), images)
