@@ -9,6 +9,7 @@ the tissue around them: a hyperdense focus, as a haemorrhage or enhancing nodule
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ def make_phantom(shape: Sequence[int] = (32, 64, 64), lesions: int = 1, seed: in
     soft = (hu == 40.0)
     for _ in range(lesions):
         for _attempt in range(100):
-            radii = tuple(min(float(rng.uniform(*lesion_radius)), n / 4) for n in shape)
+            rz, ry, rx = (min(float(rng.uniform(*lesion_radius)), n / 4) for n in shape)
+            radii = (rz, ry, rx)
             centre = (float(rng.uniform(radii[0], max(radii[0], nz - radii[0] - 1))),
                       float(rng.uniform(0.25 * ny, 0.75 * ny)),
                       float(rng.uniform(0.25 * nx, 0.75 * nx)))
@@ -79,7 +81,10 @@ def write_series(hu: np.ndarray, out_dir: Path, spacing: Sequence[float] = (1.0,
     and InstanceNumber then say nothing about position). ``slopes``: a rescale slope per slice
     (intercept -1024), to test per-slice rescale."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = pydicom.dcmread(get_testdata_file(template))
+    template_path = get_testdata_file(template)
+    if not isinstance(template_path, str):
+        raise FileNotFoundError(f"pydicom-data has no test file {template!r}")
+    base = pydicom.dcmread(template_path)
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     frame_uid = generate_uid()
@@ -106,7 +111,7 @@ def _slice_dataset(base: Dataset, hu: np.ndarray, study_uid: str, series_uid: st
                    spacing: Sequence[float], number: int, slope: float,
                    description: str) -> Dataset:
     ds = base.copy()
-    ds.file_meta = base.file_meta.copy()
+    ds.file_meta = copy.copy(base.file_meta)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -118,7 +118,9 @@ class Volume:
 
 def _floats(value: object, count: int, what: str, where: str) -> tuple[float, ...]:
     try:
-        numbers = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        if not isinstance(value, Iterable):
+            raise TypeError(f"{type(value).__name__} is not a sequence")
+        numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError) as exc:
         raise VolumeGeometryError(f"{where}: {what} is missing or not numeric") from exc
     if len(numbers) != count or not all(np.isfinite(numbers)):
@@ -126,11 +128,28 @@ def _floats(value: object, count: int, what: str, where: str) -> tuple[float, ..
     return numbers
 
 
+def _point(value: object, what: str, where: str) -> tuple[float, float, float]:
+    x, y, z = _floats(value, 3, what, where)
+    return (x, y, z)
+
+
+def _cosines(value: object, what: str, where: str
+             ) -> tuple[float, float, float, float, float, float]:
+    rx, ry, rz, cx, cy, cz = _floats(value, 6, what, where)
+    return (rx, ry, rz, cx, cy, cz)
+
+
+def _pair(value: object, what: str, where: str) -> tuple[float, float]:
+    row, column = _floats(value, 2, what, where)
+    return (row, column)
+
+
 def _group(ds: Dataset, frame_group: Dataset | None, keyword: str) -> Dataset | None:
     """A functional group macro item from the frame's own group, else the shared group."""
     for source in (frame_group, _first(ds, "SharedFunctionalGroupsSequence")):
         if source is not None and keyword in source and len(source[keyword].value):
-            return source[keyword].value[0]
+            item: Dataset = source[keyword].value[0]
+            return item
     return None
 
 
@@ -153,10 +172,10 @@ def slices_of(ds: Dataset, path: Path | str) -> list[SliceRef]:
                                       "groups (no position per frame)")
         return [SliceRef(
             sop_instance_uid=uid, path=str(path), frame=None,
-            position=_floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", where),
-            orientation=_floats(ds.get("ImageOrientationPatient"), 6,
-                                "ImageOrientationPatient", where),
-            pixel_spacing=_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", where),
+            position=_point(ds.get("ImagePositionPatient"), "ImagePositionPatient", where),
+            orientation=_cosines(ds.get("ImageOrientationPatient"),
+                                 "ImageOrientationPatient", where),
+            pixel_spacing=_pair(ds.get("PixelSpacing"), "PixelSpacing", where),
             rows=rows, columns=columns,
             slope=float(ds.get("RescaleSlope", 1) or 1),
             intercept=float(ds.get("RescaleIntercept", 0) or 0))]
@@ -174,15 +193,15 @@ def slices_of(ds: Dataset, path: Path | str) -> list[SliceRef]:
         transform = _group(ds, group, "PixelValueTransformationSequence")
         refs.append(SliceRef(
             sop_instance_uid=uid, path=str(path), frame=number,
-            position=_floats(position and position.get("ImagePositionPatient"), 3,
-                             "ImagePositionPatient", where),
-            orientation=_floats(orientation and orientation.get("ImageOrientationPatient"), 6,
-                                "ImageOrientationPatient", where),
-            pixel_spacing=_floats(measures and measures.get("PixelSpacing"), 2,
-                                  "PixelSpacing", where),
+            position=_point(position and position.get("ImagePositionPatient"),
+                            "ImagePositionPatient", where),
+            orientation=_cosines(orientation and orientation.get("ImageOrientationPatient"),
+                                 "ImageOrientationPatient", where),
+            pixel_spacing=_pair(measures and measures.get("PixelSpacing"),
+                                "PixelSpacing", where),
             rows=rows, columns=columns,
-            slope=float((transform or {}).get("RescaleSlope", 1) or 1),
-            intercept=float((transform or {}).get("RescaleIntercept", 0) or 0)))
+            slope=float((transform.get("RescaleSlope", 1) if transform else 1) or 1),
+            intercept=float((transform.get("RescaleIntercept", 0) if transform else 0) or 0)))
     return refs
 
 
@@ -224,10 +243,10 @@ def plan_volume(slices: Iterable[SliceRef], spacing_tolerance: float = SPACING_T
     refs = [refs[i] for i in order]
     z = z[order]
     steps = np.diff(z)
-    for index in np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM):
+    for duplicate in np.flatnonzero(steps < DUPLICATE_TOLERANCE_MM):
         raise VolumeGeometryError(
-            f"duplicate position z = {z[index]:.2f}: {refs[index].where()} and "
-            f"{refs[index + 1].where()}")
+            f"duplicate position z = {z[duplicate]:.2f}: {refs[duplicate].where()} and "
+            f"{refs[duplicate + 1].where()}")
     step = float(np.median(steps))
     for index, value in enumerate(steps):
         if abs(value - step) > spacing_tolerance * step:
@@ -248,7 +267,7 @@ def plan_volume(slices: Iterable[SliceRef], spacing_tolerance: float = SPACING_T
                 "(gantry tilt or mixed stacks)")
     direction = np.stack([row, column, normal], axis=1)
     return VolumePlan(
-        slices=tuple(refs), origin=tuple(float(v) for v in origin),
+        slices=tuple(refs), origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         spacing=(float(first.pixel_spacing[1]), float(first.pixel_spacing[0]),
                  float((z[-1] - z[0]) / (len(z) - 1))),
         direction=tuple(float(v) for v in direction.ravel()))
@@ -380,7 +399,7 @@ def resample_like(array: np.ndarray, geometry: Volume, reference: Volume,
 
 def _interpolator(name: str) -> int:
     try:
-        return {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
-                "bspline": sitk.sitkBSpline}[name]
+        return int({"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
+                    "bspline": sitk.sitkBSpline}[name])
     except KeyError:
         raise ValueError(f"unknown interpolator {name!r}: linear, nearest or bspline") from None

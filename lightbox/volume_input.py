@@ -70,8 +70,9 @@ def patch_starts(shape: Sequence[int], roi: Sequence[int], overlap: float
                  ) -> list[tuple[int, int, int]]:
     """Corners of the patches covering a (z, y, x) volume padded to at least ``roi``."""
     shape = padded_shape(shape, roi)
-    return list(itertools.product(*(_starts(s, r, overlap) for s, r in zip(shape, roi,
-                                                                          strict=True))))
+    z_starts, y_starts, x_starts = (_starts(s, r, overlap)
+                                    for s, r in zip(shape, roi, strict=True))
+    return list(itertools.product(z_starts, y_starts, x_starts))
 
 
 def extract(array: np.ndarray, start: Sequence[int], roi: Sequence[int]) -> np.ndarray:
@@ -100,7 +101,7 @@ def gaussian_weights(roi: Sequence[int], sigma_scale: float = 0.125) -> np.ndarr
     weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     weights /= weights.max()
     weights = np.maximum(weights, max(weights[weights > 0].min(), 1e-3))
-    return weights.astype(np.float32)
+    return np.asarray(weights, dtype=np.float32)
 
 
 class Stitcher:

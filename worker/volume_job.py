@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 
 from db import jobs as job_states
 from db.models import Instance, Job, Model, Series
@@ -156,7 +156,8 @@ def infer_patches(runner: Any, model: Any, job_id: int, grid: np.ndarray, spec: 
             first, future = pending.popleft()
             settle(first, future.result())
     assert stitcher is not None
-    return stitcher.result()[0]
+    probabilities: np.ndarray = stitcher.result()[0]
+    return probabilities
 
 
 def _run_chunk(model: Any, chunk: list[tuple[tuple[int, int, int], np.ndarray]], settle: Any
@@ -213,7 +214,7 @@ def measure(mask: np.ndarray, geometry: Volume, min_lesion_ml: float = 0.0) -> L
     centroid = np.sum([np.asarray(stats.GetCentroid(i)) * sizes[i] for i in ids], axis=0) / total
     return Lesions(count=len(ids), volume_ml=total / 1000.0,
                    largest_diameter_mm=max(stats.GetFeretDiameter(i) for i in ids),
-                   centroid=tuple(float(v) for v in centroid))
+                   centroid=(float(centroid[0]), float(centroid[1]), float(centroid[2])))
 
 
 def save_mask(path: Path, mask: np.ndarray, sources: tuple[SliceRef, ...]) -> None:
@@ -309,7 +310,7 @@ def write_series_findings(settings: Settings, job_id: int, rows: list[dict[str, 
             raise LookupError(f"job {job_id} vanished")
         session.execute(delete(SeriesFinding).where(SeriesFinding.job_id == job_id))
         if rows:
-            session.execute(SeriesFinding.__table__.insert(), rows)
+            session.execute(insert(SeriesFinding), rows)
         if job.study_revision > 1:
             model_name = session.scalar(select(Model.name).where(Model.id == job.model_id))
             older = select(Job.id).join(Model, Job.model_id == Model.id).where(

@@ -47,14 +47,16 @@ def build_volume_objects(settings: Settings, session: Session, job: Job,
     stored = {uid: stored_file(settings, path) for uid, path in session.execute(
         select(Instance.sop_instance_uid, Instance.stored_path)
         .join(Series, Instance.series_id == Series.id)
-        .where(Instance.stored_path.is_not(None), Series.series_instance_uid == series_uid))}
+        .where(Instance.stored_path.is_not(None), Series.series_instance_uid == series_uid))
+        if path is not None}
     if not stored:
         raise LightboxError(f"no stored instance of series {series_uid}")
     built: list[tuple[str, str, Path]] = []
     seg = None
-    with_mask = [f for f in findings if f.mask_path and f.positive]
+    # (label, mask path) of the positive findings that have a mask.
+    with_mask = [(f.label, f.mask_path) for f in findings if f.mask_path and f.positive]
     if with_mask:
-        saved = np.load(stored_file(settings, with_mask[0].mask_path))
+        saved = np.load(stored_file(settings, with_mask[0][1]))
         uids = [str(u) for u in saved["sop_instance_uids"]]
         if len(set(uids)) != len(uids):
             raise LightboxError("SEG of multi-frame sources is not supported yet")
@@ -63,7 +65,7 @@ def build_volume_objects(settings: Settings, session: Session, job: Job,
             raise LightboxError(f"source instance {missing[0]} of the mask is no longer stored")
         sources = [pydicom.dcmread(stored[u]) for u in uids]
         seg_uid = generate_uid()
-        seg = build_seg(sources, saved["mask"], [with_mask[0].label], model,
+        seg = build_seg(sources, saved["mask"], [with_mask[0][0]], model,
                         synthetic=synthetic, sop_instance_uid=seg_uid)
         _save(seg, folder / f"seg-{seg_uid}.dcm")
         built.append(("seg", seg_uid, folder / f"seg-{seg_uid}.dcm"))
