@@ -205,6 +205,7 @@ def _http_ok(url: str) -> bool:
 def dciodvfy_errors(path: Path) -> list[str]:
     """dciodvfy's "Error" lines for a file (an empty list means it validates)."""
     require("dciodvfy")
+    assert Path(path).is_file(), f"no file to validate at {path}"  # dciodvfy says no Error then
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (out.stdout + out.stderr).splitlines()
             if line.startswith("Error")]

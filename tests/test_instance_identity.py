@@ -15,6 +15,7 @@ from sqlalchemy import func, select, update
 from db.migrate import upgrade
 from db.models import Event, Instance, Study, StudyStatus
 from db.session import session_scope
+from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from scheduler.header import read_header
 from scheduler.register import Outcome, Received, register_file, register_received
@@ -107,5 +108,6 @@ def test_scp_batch_path_uses_the_same_identity(settings: Settings, tmp_path: Pat
     assert not again.exists()  # the spool file is removed as for any registered instance
     with session_scope(settings.sqlalchemy_url) as session:
         row = session.scalars(select(Instance)).one()
-        assert Path(row.stored_path).is_file()
-        assert row.sha256 == file_sha256(Path(row.stored_path))[0]
+        stored = stored_file(settings, row.stored_path or "")
+        assert stored.is_file()
+        assert row.sha256 == file_sha256(stored)[0]

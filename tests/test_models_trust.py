@@ -28,7 +28,7 @@ from lightbox.settings import Settings
 from lightbox.synthetic import write_study
 from scheduler.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.export import build_objects
-from scheduler.outputs.sr import NOT_FOR_CLINICAL_USE
+from scheduler.outputs.sr import NOT_FOR_CLINICAL_USE, label_concept
 from scheduler.register import register_file
 from scheduler.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
@@ -182,15 +182,20 @@ def test_three_class_end_to_end_with_shadow(backend: Backend,
             [sr_object] = [o for o in build_objects(settings, session, job) if o.kind == "sr"]
             content = _content(pydicom.dcmread(sr_object.path).ContentSequence)
             [finding] = [f for f in mine if not f.shadow]
+            # Each class is named by its code (SNOMED CT / DCM where one exists): its
+            # probability a NUM item, present/absent a CODE item.
+            meaning = {c: label_concept(c).meaning for c in CLASSES}
             evaluations = [(n, v) for n, v in content if v in ("Present", "Absent")]
-            probabilities = sorted(n for n, _ in content if n.endswith(" probability"))
-            assert probabilities == [f"{c} probability" for c in CLASSES]
+            probabilities = sorted(n for n, v in content
+                                   if n in meaning.values() and v not in ("Present", "Absent"))
+            assert probabilities == sorted(meaning.values())
             if finding.indeterminate:
                 assert evaluations == []
             elif finding.positive:
-                assert evaluations == [(finding.label, "Present")]
+                assert evaluations == [(meaning[finding.label], "Present")]
             else:  # background predicted: the finding classes are absent, normal never present
-                assert sorted(evaluations) == [("effusion", "Absent"), ("opacity", "Absent")]
+                assert sorted(evaluations) == sorted([(meaning["effusion"], "Absent"),
+                                                      (meaning["opacity"], "Absent")])
             assert not any(text == NOT_FOR_CLINICAL_USE for _, text in content)
 
     out = subprocess.run([sys.executable, "-m", "lightbox.cli", "models", "compare", "chest",

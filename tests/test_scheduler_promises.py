@@ -19,6 +19,7 @@ from db import jobs as job_states
 from db.models import Event, Instance, Job, JobState, Model, Study, StudyStatus
 from db.registry import register_bundle, retire
 from db.session import session_scope
+from lightbox.roots import stored_file
 from lightbox.synthetic import write_study
 from scheduler.dispatch import PassReport, dispatch_ready
 from scheduler.register import register_file
@@ -88,7 +89,9 @@ def test_study_with_every_model_in_production_is_dispatched(
 
 def _stored(backend: Backend) -> dict[str, str | None]:
     with session_scope(backend.settings.sqlalchemy_url) as session:
-        return {i.sop_instance_uid: i.stored_path for i in session.scalars(select(Instance))}
+        return {i.sop_instance_uid: i.stored_path and str(stored_file(backend.settings,
+                                                                       i.stored_path))
+                for i in session.scalars(select(Instance))}
 
 
 def test_lightbox_scheduler_applies_retention(sqlite_backend: Backend, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from db.models import Instance
 from db.session import session_scope
+from lightbox.roots import stored_file
 from tests.conftest import Backend, wait_for
 from tests.pacs_peers import lightbox_scp, require
 
@@ -102,7 +103,8 @@ def test_scp_stores_the_data_set_bytes_it_received(sqlite_backend: Backend,
     wire = _wire_data_sets(sent)
     assert len(wire) == 2
     for ds, on_wire in zip(datasets, wire, strict=True):
-        stored_path = Path(rows[str(ds.SOPInstanceUID)].stored_path or "")
+        stored_path = stored_file(sqlite_backend.settings,
+                                  rows[str(ds.SOPInstanceUID)].stored_path or "")
         stored = pydicom.dcmread(stored_path)
         # Readable first (what a re-encoding would lose), then the exact bytes.
         assert stored.ImageComments == COMMENT

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from db.migrate import upgrade
 from db.models import Export, ExportState
 from db.session import session_scope
+from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic_volume import make_phantom, write_series
 from scheduler.export import build_pass, send_pass
@@ -67,7 +68,7 @@ def test_seg_and_sr_validate_and_orthanc_accepts_them(tmp_path: Path) -> None:
             built = {e.kind: e for e in session.scalars(select(Export))}
             assert {e.destination for e in session.scalars(select(Export))} == {"pacs"}
         assert set(built) == {"seg", "sr"}
-        seg_path, sr_path = Path(str(built["seg"].path)), Path(str(built["sr"].path))
+        seg_path, sr_path = (stored_file(settings, str(built[kind].path)) for kind in ("seg", "sr"))
         assert dciodvfy_errors(seg_path) == []
         assert dciodvfy_errors(sr_path) == []
         seg = pydicom.dcmread(seg_path)
