@@ -170,8 +170,9 @@ def test_compile_refuses_a_metadata_bundle(heads: tuple[dict[str, object], dict[
     out = _cli(tmp_path / "data", "compile", str(bundle))
     assert out.returncode == 1
     # One error line (besides the log lines of the start-up: data dir, migrations).
-    message = [line for line in out.stderr.splitlines() if not line[:4].isdigit()]
+    message = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
     assert len(message) == 1 and "metadata (tabular) model: nothing to compile" in message[0]
+    assert "Traceback" not in out.stderr
     assert load_manifest(bundle).files == before  # nothing added
 
 
