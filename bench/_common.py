@@ -67,9 +67,9 @@ def installation(data_dir: Path, *, database_url: str | None = None,
 
 def dispatch_all(settings: Settings) -> None:
     """Scheduler passes until every ready study is dispatched (a pass takes at most
-    ``scheduler.dispatch.BATCH``)."""
-    from scheduler.dispatch import PassReport, dispatch_ready
-    from scheduler.route import load_rules
+    ``scheduler.scheduling.dispatch.BATCH``)."""
+    from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+    from scheduler.scheduling.route import load_rules
 
     rules = load_rules(settings.rules_file)
     while True:
@@ -82,7 +82,7 @@ def dispatch_all(settings: Settings) -> None:
 def send_all(settings: Settings) -> None:
     """The scheduler's outbox until every job is sent (a pass sends at most ``BATCH``)."""
     from lightbox.celery_app import make_celery
-    from scheduler.dispatch import PassReport, send_pending
+    from scheduler.scheduling.dispatch import PassReport, send_pending
 
     app = make_celery(settings)
     while True:

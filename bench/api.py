@@ -318,7 +318,7 @@ def main() -> None:
                    "LIGHTBOX_API_TOKEN": TOKEN, "LIGHTBOX_API_PORT": str(port),
                    "LIGHTBOX_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
             log = open(Path(data) / "api.log", "ab")  # noqa: SIM115 - the child keeps a copy
-            proc = subprocess.Popen([sys.executable, "-m", "lightbox.cli", "api"], env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "cli.main", "api"], env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
             base = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120

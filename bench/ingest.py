@@ -197,7 +197,7 @@ def bench_lightbox(work: Path, corpus: Path, count: int, database_url: str | Non
     settings = Settings(data_dir=data, database_url=database_url)
     upgrade(settings.sqlalchemy_url)
     log = (work / "scp.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lightbox.cli", "scp"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "scp"], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
     def rows() -> int:

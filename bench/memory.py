@@ -36,12 +36,12 @@ from bench._common import (
     stop,
     wait_until,
 )
+from db.model_registry import register_bundle
 from db.models import Job, JobState, WorkerNode
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.register import register_file
+from scheduler.ingest.registration import register_file
 
 
 def sample(pid: int) -> dict[str, float]:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                     register_file(settings, path, move=True)
                 progress.advance(task)
             dispatch_all(settings)
-            worker = spawn(["-m", "lightbox.cli", "worker"], env, work / "worker.log")
+            worker = spawn(["-m", "cli.main", "worker"], env, work / "worker.log")
             try:
                 def ready() -> bool:
                     with session_scope(settings.sqlalchemy_url) as session:

@@ -53,7 +53,7 @@ def load_offcpu(kind: str, bundle_dir: Path, settings: Settings) -> OffCpuRuntim
 
 
 def main() -> None:
-    from lightbox.commands.common import setup_logging
+    from lightbox.logs import setup_logging
     from worker.tasks import run_worker
 
     settings = get_settings()

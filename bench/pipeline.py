@@ -75,14 +75,14 @@ from bench._common import (
 from bench.models import MODELS, BenchModel
 from bench.models import build as build_model
 from bench.offcpu import SERVICE_ENV
+from db.model_registry import register_bundle
 from db.models import Event, Finding, Job, JobState, WorkerNode
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.manifest import Manifest, load_manifest
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
-from scheduler.register import register_file
+from scheduler.ingest.registration import register_file
 from worker.decode_pool import DecodePool
 from worker.layout import node_layout
 from worker.runtime_onnx import OnnxRuntime
@@ -275,7 +275,7 @@ def run_lightbox(work: Path, bundle: Path, paths: list[Path], args: argparse.Nam
                     "LIGHTBOX_DECODE_WORKERS": str(args.decode_workers),
                     "LIGHTBOX_ONNX_THREADS": str(args.onnx_threads),
                     "LIGHTBOX_ONNX_PARALLEL_RUNS": str(args.onnx_parallel_runs)})
-        command = ["-m", "lightbox.cli", "worker"]
+        command = ["-m", "cli.main", "worker"]
         if offcpu:
             command = ["-m", "bench.offcpu"]
             env[SERVICE_ENV] = repr(offcpu_per_image_s)

@@ -31,8 +31,8 @@ from db.models import Job, JobState, Model, ModelStage, Study, StudyStatus  # no
 from db.session import session_scope  # noqa: E402
 from lightbox.celery_app import make_celery  # noqa: E402
 from lightbox.redis_server import broker_url, redis_client  # noqa: E402
-from scheduler.dispatch import PassReport, send_pending  # noqa: E402
-from scheduler.loop import reconcile, run_pass  # noqa: E402
+from scheduler.scheduling.dispatch import PassReport, send_pending  # noqa: E402
+from scheduler.scheduling.passes import reconcile, run_pass  # noqa: E402
 
 console = Console(stderr=True)
 

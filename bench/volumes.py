@@ -38,17 +38,17 @@ from pydicom.uid import generate_uid
 
 from bench._common import DEFAULT_OUT, emit
 from db.migrate import upgrade
+from db.model_registry import register_bundle
 from db.models import Job, Study
-from db.registry import register_bundle
 from db.session import session_scope
 from db.volume_tables import SeriesFinding
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec, write_bundle_manifest
 from lightbox.settings import Settings
 from lightbox.volume import plan_files
 from lightbox.volume_input import model_grid
-from scheduler.dispatch import PassReport, dispatch_ready
-from scheduler.ingest_folder import ingest_paths
-from scheduler.route import load_rules
+from scheduler.ingest.folder import ingest_paths
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.route import load_rules
 
 RULES = """
 rules:

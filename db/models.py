@@ -253,7 +253,7 @@ class QuarantinedFile(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
-    # Keyed one-way digests (scheduler/quarantine.py): the same name or sender gives the same
+    # Keyed one-way digests (scheduler/ingest/quarantine.py): the same name or sender gives the same
     # digest on one install, but neither can be read back. The name itself is never stored.
     name_digest: Mapped[str | None] = mapped_column(String(64))
     sender_digest: Mapped[str | None] = mapped_column(String(64))

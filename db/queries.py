@@ -94,7 +94,7 @@ def status(session: Session, limit: int | None = 50,
         .order_by(QuarantinedFile.id.desc()).limit(limit)
     )
     # Acknowledged by the SCP, then removed from its spool before registration: the sender
-    # has to send these again (scheduler/spool.py records them).
+    # has to send these again (scheduler/ingest/spool.py records them).
     vanished = [instance for detail in session.scalars(
         select(Event.detail).where(Event.kind == "spool_instance_vanished")
         .order_by(Event.id.desc()).limit(limit)) for instance in detail["instances"]]

@@ -17,7 +17,7 @@ from celery import Celery
 
 from lightbox.redis_server import broker_url
 from lightbox.settings import Settings, get_settings
-from lightbox.tasks import PRIORITY_ROUTINE, PRIORITY_STEPS, QUEUE
+from lightbox.task_names import PRIORITY_ROUTINE, PRIORITY_STEPS, QUEUE
 
 
 def make_celery(settings: Settings | None = None, start_redis: bool = True) -> Celery:

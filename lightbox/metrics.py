@@ -4,7 +4,7 @@ The metric objects live here, in the core, so components record into them withou
 one another; each process exposes only what it recorded (a worker has no C-STORE counts).
 Gauges that describe the whole system (jobs by state, queue depth per priority) are read from
 the database and Redis when scraped, by the scheduler and the API
-(:mod:`lightbox.commands.probes`, which may import the components).
+(:mod:`cli.commands.probes`, which may import the components).
 
 Each process serves ``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (what it
 needs answers: its database and Redis; a worker's models are loaded; the SCP listens) on

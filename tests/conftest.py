@@ -32,7 +32,7 @@ import redis
 import sqlalchemy as sa
 
 from db.migrate import upgrade
-from db.registry import register_bundle
+from db.model_registry import register_bundle
 from db.session import session_scope
 from lightbox.redis_server import ensure_embedded_redis, stop_embedded_redis
 from lightbox.settings import Settings
@@ -52,7 +52,7 @@ class Backend:
     def spawn(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
         """Start a real `lightbox` process against this backend."""
         with log.open("ab") as handle:  # the child keeps its own copy
-            return subprocess.Popen([sys.executable, "-m", "lightbox.cli", *args],
+            return subprocess.Popen([sys.executable, "-m", "cli.main", *args],
                                     env=self.env, stdout=handle, stderr=subprocess.STDOUT,
                                     start_new_session=True)
 
@@ -285,12 +285,12 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``lightbox ARGS`` run in this process (click's runner) with ``env`` as its environment:
-    the result of ``subprocess.run([... "-m", "lightbox.cli", *args], env=env, text=True,
+    the result of ``subprocess.run([... "-m", "cli.main", *args], env=env, text=True,
     capture_output=True)`` without a new interpreter importing everything again. For commands
     that return (status, results, jobs, models, ingest); long-running ones need a process."""
     from click.testing import CliRunner
 
-    from lightbox.cli import main
+    from cli.main import main
     from lightbox.settings import get_settings
 
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v}

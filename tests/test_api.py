@@ -30,9 +30,9 @@ from db.models import Event, Export, ExportState, Job, Study
 from db.session import session_scope
 from lightbox.heatmaps import save_heatmap
 from lightbox.synthetic import write_ct_study, write_study
-from scheduler.dispatch import PassReport, dispatch_ready
-from scheduler.ingest_folder import ingest_paths
-from scheduler.route import load_rules
+from scheduler.ingest.folder import ingest_paths
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from worker.writer import write_results
 
@@ -294,7 +294,7 @@ def test_api_v1(api: tuple[httpx.Client, Seeded, Backend]) -> None:
 def _cli() -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "lightbox.cli"]
+    return [sys.executable, "-m", "cli.main"]
 
 
 def test_explain(backend: Backend, registered_model: tuple[int, str], tmp_path: Path) -> None:

@@ -21,10 +21,10 @@ from sqlalchemy import select
 from db.models import Instance, QuarantinedFile
 from db.session import session_scope
 from lightbox.synthetic import write_study
-from scheduler.header import read_header
-from scheduler.ingest_folder import ingest_paths
-from scheduler.quarantine import digest
-from scheduler.register import Outcome, register_file
+from scheduler.ingest.folder import ingest_paths
+from scheduler.ingest.header import read_header
+from scheduler.ingest.quarantine import digest
+from scheduler.ingest.registration import Outcome, register_file
 from tests.conftest import Backend, run_cli
 from tests.test_ingest import PYDICOM_FILES
 

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from onnx import TensorProto, helper
 from sqlalchemy import select
 
+from db.model_registry import register_bundle
 from db.models import Event, Finding, Job, JobState
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.heatmaps import heatmap_path, load_heatmap
@@ -25,9 +25,9 @@ from lightbox.manifest import Manifest, load_manifest, write_bundle_manifest
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from worker.batcher import Batcher
 from worker.decode_pool import DecodePool, InlineDecoder

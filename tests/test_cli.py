@@ -14,13 +14,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import select
 
 from db.migrate import alembic_config
+from db.model_registry import register_bundle
 from db.models import Job
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.synthetic import write_study
-from scheduler.dispatch import PassReport, dispatch_ready
-from scheduler.quarantine import digest
-from scheduler.route import load_rules
+from scheduler.ingest.quarantine import digest
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, run_cli
 from worker.model_cache import ModelCache
 from worker.process import run_job

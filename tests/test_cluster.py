@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy import func, select
 
 from db.migrate import MIGRATION_LOCK_KEY, current_revision, expected_revisions, upgrade
+from db.model_registry import register_bundle
 from db.models import Export, Finding, Instance, Job, JobState, Model
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.errors import ConfigurationError
@@ -36,13 +36,13 @@ from lightbox.metrics import readiness, redis_check, serve_probes
 from lightbox.roots import bundle_dir, relative_to_root, resolve_under, stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from tests.pacs_peers import free_port
 
-CLI = [sys.executable, "-m", "lightbox.cli"]
+CLI = [sys.executable, "-m", "cli.main"]
 
 
 def _get(url: str) -> tuple[int, str]:

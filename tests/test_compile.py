@@ -32,7 +32,7 @@ def trained(settings: Settings) -> TrainResult:
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LIGHTBOX_DATA_DIR": str(settings.data_path)}
     env.pop("LIGHTBOX_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "lightbox.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 

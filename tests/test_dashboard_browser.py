@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from db.registry import register_bundle
+from db.model_registry import register_bundle
 from db.session import session_scope
 from tests.conftest import Backend, stop_processes, wait_for
 from tests.peers import missing

@@ -15,7 +15,7 @@ from lightbox.settings import Settings
 def _demo(data_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTBOX_")}
     env["LIGHTBOX_DATA_DIR"] = str(data_dir)
-    return subprocess.run([sys.executable, "-m", "lightbox.cli", "demo", "--studies", "3"],
+    return subprocess.run([sys.executable, "-m", "cli.main", "demo", "--studies", "3"],
                           env=env, capture_output=True, text=True, timeout=900)
 
 

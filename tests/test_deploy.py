@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lightbox.tasks import queue_keys
+from lightbox.task_names import queue_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from db.models import Finding, Instance, Job, JobState, QuarantinedFile, Study, StudyStatus
 from db.session import session_scope
 from lightbox.synthetic import real_chest_crs, write_ct_study, write_study
-from scheduler.quarantine import digest
+from scheduler.ingest.quarantine import digest
 from tests.conftest import Backend, run_cli, stop_processes, wait_for
 
 

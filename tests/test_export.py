@@ -21,9 +21,9 @@ from db.session import session_scope
 from lightbox.heatmaps import save_heatmap
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.destinations import classify_status
-from scheduler.export import export_pass
-from scheduler.register import register_file
+from scheduler.export.destinations import classify_status
+from scheduler.export.outbox import export_pass
+from scheduler.ingest.registration import register_file
 from tests.conftest import Backend, run_cli, stop_processes, wait_for
 from tests.pacs_peers import dciodvfy_errors, dcmtk_env, free_port, require
 
@@ -157,7 +157,7 @@ def test_down_destination_retried_until_up(backend: Backend, registered_model: t
 def test_transient_failures_end_dead_after_max_attempts(sqlite_backend: Backend,
                                                         model_bundle: Path,
                                                         tmp_path: Path) -> None:
-    from db.registry import register_bundle
+    from db.model_registry import register_bundle
 
     with session_scope(sqlite_backend.settings.sqlalchemy_url) as session:
         model_id = register_bundle(session, model_bundle, promote=True).id

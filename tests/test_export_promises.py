@@ -24,13 +24,13 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
+from db.model_registry import register_bundle
 from db.models import Export, ExportState, Instance
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.destinations import SendResult, StowDestination
-from scheduler.export import backoff, build_pass, export_pass, send_pass
+from scheduler.export.destinations import SendResult, StowDestination
+from scheduler.export.outbox import backoff, build_pass, export_pass, send_pass
 from tests.conftest import Backend, stop_processes
 from tests.test_export import configured, rows, succeeded_job
 from tests.test_stow import TOKEN, _api, _multipart

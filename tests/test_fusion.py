@@ -16,16 +16,16 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from db.model_registry import register_bundle
 from db.models import Job, JobState
 from db.queries import findings
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.manifest import load_manifest
 from lightbox.tabular import encode, fused_input, read_header
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from trainer.export import onnx_scores
 from trainer.tabular import FUSION_LABEL, image_model_scores, write_fusion_files
@@ -39,7 +39,7 @@ HEAD_OPTIONS = ["--kind", "tabular", "--name", "admit", "--epochs", "40", "--lr"
 def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LIGHTBOX_DATA_DIR": str(data_dir)}
     env.pop("LIGHTBOX_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "lightbox.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -19,8 +19,8 @@ from db.migrate import upgrade
 from lightbox.errors import IngestError
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.header import read_header
-from scheduler.register import Outcome, register_file
+from scheduler.ingest.header import read_header
+from scheduler.ingest.registration import Outcome, register_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,

@@ -26,9 +26,9 @@ from db.session import session_scope
 from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.ingest_folder import ingest_paths, watch
-from scheduler.quarantine import digest
-from scheduler.register import Outcome, RegisterResult, register_file
+from scheduler.ingest.folder import ingest_paths, watch
+from scheduler.ingest.quarantine import digest
+from scheduler.ingest.registration import Outcome, RegisterResult, register_file
 
 # Writing deliberately invalid UIDs makes pydicom warn; that is the point of those files.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -141,8 +141,8 @@ def test_one_batch_registers_new_duplicate_and_corrected_instances(settings: Set
     """A batch (the SCP registrar's unit) follows the one-at-a-time rules per instance, in
     order: new rows (bulk inserted), the same bytes twice (duplicate), the same UID with new
     bytes within the batch (the later bytes win) and a UID already in the database."""
-    from scheduler.register import register_received
-    from scheduler.spool import received
+    from scheduler.ingest.registration import register_received
+    from scheduler.ingest.spool import received
 
     known = fresh("CT_small.dcm")
     assert register_file(settings, write(known, tmp_path / "known.dcm")).outcome \

@@ -17,9 +17,9 @@ from db.models import Event, Instance, Study, StudyStatus
 from db.session import session_scope
 from lightbox.roots import stored_file
 from lightbox.settings import Settings
-from scheduler.header import read_header
-from scheduler.register import Outcome, Received, register_file, register_received
-from scheduler.storage import file_sha256
+from scheduler.ingest.header import read_header
+from scheduler.ingest.registration import Outcome, Received, register_file, register_received
+from scheduler.ingest.storage import file_sha256
 
 
 @pytest.fixture

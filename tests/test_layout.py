@@ -64,7 +64,7 @@ def test_model_part_of_the_rule(model_bundle: Path) -> None:
 def test_explain_layout_prints_and_exits(tmp_path: Path) -> None:
     env = {"LIGHTBOX_DATA_DIR": str(tmp_path), "LIGHTBOX_DECODE_WORKERS": "3",
            "LIGHTBOX_RUNTIME": "onnxruntime", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "lightbox.cli", "worker", "--explain-layout"],
+    out = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--explain-layout"],
                          env=env, capture_output=True, text=True, timeout=120, check=True)
     assert "decode_workers = 3  (explicit setting)" in out.stdout
     assert "worker_concurrency = " in out.stdout and "GPU detection: no" in out.stdout

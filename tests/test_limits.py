@@ -261,7 +261,7 @@ def test_idle_connections_from_one_host_do_not_lock_out_allowed_callers(
 
 
 def test_pynetdicom_internals_are_there() -> None:
-    """scheduler/scp_guard.py leans on pynetdicom internals: fail loudly, naming the one that
+    """scheduler/ingest/scp_guard.py leans on pynetdicom internals: fail loudly, naming the one that
     changed, rather than let the SCP go unbounded again after an upgrade."""
     import inspect
 
@@ -457,7 +457,7 @@ def test_deflate_bomb_is_refused_on_every_channel(sqlite_backend: Backend,
     (folder / "bomb.dcm").write_bytes(bomb.read_bytes())
     ingest_out, ingest_growth = _in_subprocess(
         "from lightbox.settings import get_settings\n"
-        "from scheduler.register import register_file\n" + BASE_LINE +
+        "from scheduler.ingest.registration import register_file\n" + BASE_LINE +
         "r = register_file(get_settings(), Path(sys.argv[1]))\n"
         "print('OUTCOME', r.outcome.value, r.reason)\n",
         str(folder / "bomb.dcm"), env=backend.env)

@@ -18,19 +18,19 @@ import pytest
 from sqlalchemy import select
 
 from db.migrate import upgrade
+from db.model_registry import register_bundle, set_shadow
 from db.models import Event, Finding, Job, JobState, Model, Study
 from db.queries import findings
-from db.registry import register_bundle, set_shadow
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.manifest import load_manifest
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
-from scheduler.export import build_objects
-from scheduler.outputs.sr import NOT_FOR_CLINICAL_USE, label_concept
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from scheduler.export.dicom.sr import NOT_FOR_CLINICAL_USE, label_concept
+from scheduler.export.outbox import build_objects
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from trainer.synthetic_dataset import synthetic_set, write_class_folders
 from trainer.train import TrainConfig, draft_manifest, load_training_data, train_model
@@ -198,7 +198,7 @@ def test_three_class_end_to_end_with_shadow(backend: Backend,
                                                       (meaning["opacity"], "Absent")])
             assert not any(text == NOT_FOR_CLINICAL_USE for _, text in content)
 
-    out = subprocess.run([sys.executable, "-m", "lightbox.cli", "models", "compare", "chest",
+    out = subprocess.run([sys.executable, "-m", "cli.main", "models", "compare", "chest",
                           "--format", "json"], env=backend.env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -210,7 +210,7 @@ def test_three_class_end_to_end_with_shadow(backend: Backend,
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lightbox.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -259,11 +259,11 @@ def test_synthetic_flag_on_results_and_sr(sqlite_backend: Backend, model_bundle:
     with session_scope(settings.sqlalchemy_url) as session:
         [job_id] = session.scalars(select(Job.id))
     assert run_job(settings, ModelCache(settings, "onnxruntime"), job_id) == "succeeded"
-    out = subprocess.run([sys.executable, "-m", "lightbox.cli", "results", "--format", "json"],
+    out = subprocess.run([sys.executable, "-m", "cli.main", "results", "--format", "json"],
                          env=sqlite_backend.env, capture_output=True, text=True, timeout=120)
     rows = json.loads(out.stdout)
     assert len(rows) == 2 and all(r["synthetic"] is True for r in rows)
-    table = subprocess.run([sys.executable, "-m", "lightbox.cli", "results"],
+    table = subprocess.run([sys.executable, "-m", "cli.main", "results"],
                            env=sqlite_backend.env, capture_output=True, text=True, timeout=120)
     assert "SYNTHETIC" in table.stdout
     with session_scope(settings.sqlalchemy_url) as session:

@@ -24,8 +24,8 @@ from db.models import Event, QuarantinedFile, WorkerNode
 from db.session import session_scope
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.ingest_folder import watch
-from scheduler.quarantine import digest
+from scheduler.ingest.folder import watch
+from scheduler.ingest.quarantine import digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lightbox.cli", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=180)
 
 
@@ -128,7 +128,7 @@ def test_commands_log_data_dir_and_database_version_and_paths(tmp_path: Path) ->
 def test_watch_on_a_missing_folder_says_so(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     upgrade(settings.sqlalchemy_url)
-    proc = subprocess.Popen([sys.executable, "-m", "lightbox.cli", "watch",
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "watch",
                              str(tmp_path / "no-such-inbox")], env=_env(tmp_path),
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

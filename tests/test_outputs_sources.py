@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset
 
 from lightbox.errors import OutputBuildError
 from lightbox.synthetic import write_study
-from scheduler.outputs.common import FindingItem, ModelInfo
-from scheduler.outputs.heatmap_sc import build_heatmap_sc
-from scheduler.outputs.sr import PRIVATE_SCHEME, build_sr
+from scheduler.export.dicom.common import FindingItem, ModelInfo
+from scheduler.export.dicom.heatmap_sc import build_heatmap_sc
+from scheduler.export.dicom.sr import PRIVATE_SCHEME, build_sr
 from tests.pacs_peers import require
 
 MODEL = ModelInfo("chest", "1.0")

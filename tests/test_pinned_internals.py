@@ -2,7 +2,7 @@
 upgrade that changes them fails here with a message saying what moved, instead of the SCP
 replying slower (templates bypassed) or JPEG 2000 decoding in full without a word.
 
-`scheduler/scp_replies.py` (pynetdicom 3, tested) and `lightbox/j2k_reduced.py` (Pillow 13, tested) use
+`scheduler/ingest/scp_replies.py` (pynetdicom 3, tested) and `lightbox/j2k_reduced.py` (Pillow 13, tested) use
 them; `pyproject.toml` bounds both packages to the major versions tested here."""
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.redis_server import redis_client
 from lightbox.synthetic import write_study
-from lightbox.tasks import job_id_of_task, queue_keys
-from scheduler.loop import run_pass
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from lightbox.task_names import job_id_of_task, queue_keys
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.passes import run_pass
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from tests.faults.model import tiny_bundle_fixture, tiny_model_fixture  # noqa: F401
 
@@ -128,7 +128,7 @@ def test_stat_latency_below_routine_under_load(sqlite_backend: Backend, tiny_bun
                                                tmp_path: Path) -> None:
     """Real scheduler and worker: a routine backlog, then STAT studies. STAT jobs finish with
     a lower mean latency (created → finished) than routine ones, and every routine job ends."""
-    from db.registry import register_bundle
+    from db.model_registry import register_bundle
 
     backend = sqlite_backend
     with session_scope(backend.settings.sqlalchemy_url) as session:

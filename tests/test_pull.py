@@ -60,7 +60,7 @@ def test_pull_by_date_and_modality(backend: Backend, tmp_path: Path, method: str
         puller = with_env(backend, LIGHTBOX_PACS_AE_TITLE=pacs.ae_title,
                           LIGHTBOX_PACS_HOST="127.0.0.1", LIGHTBOX_PACS_PORT=str(pacs.dicom_port))
         out = subprocess.run(
-            [sys.executable, "-m", "lightbox.cli", "pull", "--since", "2024-01-01",
+            [sys.executable, "-m", "cli.main", "pull", "--since", "2024-01-01",
              "--until", "2024-01-31", "--modality", "CR", "--method", method],
             env=puller.env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

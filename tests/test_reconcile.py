@@ -22,13 +22,13 @@ from lightbox.celery_app import make_celery
 from lightbox.redis_server import redis_client
 from lightbox.roots import stored_file
 from lightbox.synthetic import write_study
-from lightbox.tasks import QUEUE, job_id_of_task, job_task_id
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
-from scheduler.loop import run_pass
-from scheduler.reconcile import jobs_with_messages
-from scheduler.register import register_file
-from scheduler.retention import delete_expired_pixels
-from scheduler.route import load_rules
+from lightbox.task_names import QUEUE, job_id_of_task, job_task_id
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
+from scheduler.scheduling.passes import run_pass
+from scheduler.scheduling.reconcile import jobs_with_messages
+from scheduler.scheduling.retention import delete_expired_pixels
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, run_cli, stop_processes, wait_for
 from tests.faults.model import tiny_bundle_fixture, tiny_model_fixture  # noqa: F401
 
@@ -296,7 +296,7 @@ def test_two_schedulers_three_workers_no_duplicates(postgres_backend: Backend,
                                                     tiny_bundle: Path, tmp_path: Path) -> None:
     """Two `lightbox scheduler` and three `lightbox worker` processes on PostgreSQL: every
     study gets exactly one job per model and every job exactly its findings."""
-    from db.registry import register_bundle
+    from db.model_registry import register_bundle
 
     backend = postgres_backend
     with session_scope(backend.settings.sqlalchemy_url) as session:

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper
 from sqlalchemy import select
 
 from db.migrate import upgrade
+from db.model_registry import list_models, production_model, promote, register_bundle, retire
 from db.models import Event, Model, ModelStage
-from db.registry import list_models, production_model, promote, register_bundle, retire
 from db.session import session_scope
 from lightbox.errors import ManifestError, ModelNotFoundError
 from lightbox.manifest import (

@@ -1,4 +1,4 @@
-"""Routing rules (scheduler.route): the packaged default and custom YAML files."""
+"""Routing rules (scheduler.scheduling.route): the packaged default and custom YAML files."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from db.session import session_scope
 from lightbox.errors import ConfigurationError
 from lightbox.settings import Settings
 from lightbox.synthetic import real_chest_crs, write_ct_study
-from scheduler.ingest_folder import ingest_paths
-from scheduler.route import DEFAULT_RULES, Route, Rule, load_rules, route_study
+from scheduler.ingest.folder import ingest_paths
+from scheduler.scheduling.route import DEFAULT_RULES, Route, Rule, load_rules, route_study
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Series-level routing (scheduler/route.py ``select: series``): ranges, contains, the chosen
+"""Series-level routing (scheduler/scheduling/route.py ``select: series``): ranges, contains, the chosen
 series recorded on the job (db.volume_tables.JobSeries), the unrouted reason that says why."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from db.volume_tables import JobSeries
 from lightbox.settings import Settings
 from lightbox.synthetic import write_ct_study
 from lightbox.synthetic_volume import make_phantom, write_series
-from scheduler.dispatch import PassReport, dispatch_ready
-from scheduler.ingest_folder import ingest_paths
-from scheduler.route import Route, load_rules, route_study, unmatched_reason
+from scheduler.ingest.folder import ingest_paths
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.route import Route, load_rules, route_study, unmatched_reason
 
 RULES = """
 rules:

@@ -16,14 +16,14 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from db import jobs as job_states
+from db.model_registry import register_bundle, retire
 from db.models import Event, Instance, Job, JobState, Model, Study, StudyStatus
-from db.registry import register_bundle, retire
 from db.session import session_scope
 from lightbox.roots import stored_file
 from lightbox.synthetic import write_study
-from scheduler.dispatch import PassReport, dispatch_ready
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from tests.pacs_peers import with_env
 

@@ -232,7 +232,7 @@ def test_high_priority_is_recorded(sqlite_backend: Backend, tmp_path: Path) -> N
 def test_allowed_callers_must_be_configured() -> None:
     """An SCP with no caller list would accept anyone: it refuses to start instead."""
     from lightbox.errors import ConfigurationError
-    from scheduler.scp import Caller, parse_callers
+    from scheduler.ingest.scp import Caller, parse_callers
 
     with pytest.raises(ConfigurationError, match="LIGHTBOX_SCP_ALLOWED_CALLERS"):
         parse_callers("")
@@ -246,7 +246,7 @@ def _registrar(port: int) -> psutil.Process:
     """The spool registrar: the spawned child of the `lightbox scp` listening on ``port``."""
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if "scp" in cmdline and "lightbox.cli" in " ".join(cmdline):
+        if "scp" in cmdline and "cli.main" in " ".join(cmdline):
             try:
                 if proc.environ().get("LIGHTBOX_SCP_PORT") != str(port):
                     continue
@@ -307,7 +307,7 @@ def test_cached_part10_prefix_equals_pynetdicoms_file_meta(sop_instance: str) ->
     from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
     from pynetdicom.dsutils import create_file_meta
 
-    from scheduler.scp import part10, part10_prefix
+    from scheduler.ingest.scp import part10, part10_prefix
 
     for sop_class, syntax in (("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian),
                               ("1.2.999", JPEG2000Lossless)):
@@ -343,7 +343,7 @@ def test_cached_store_reply_equals_pynetdicoms_encoding(status: int, sop_instanc
     the statuses the SCP sends, and decode to the request's message ID and UID."""
     from pydicom.filereader import read_dataset
 
-    from scheduler.scp_replies import pynetdicom_response_pdv, store_response_pdv
+    from scheduler.ingest.scp_replies import pynetdicom_response_pdv, store_response_pdv
 
     ct = "1.2.840.10008.5.1.4.1.1.2"
     for message_id in (0, 1, 0x5A5A, 65535):
@@ -366,7 +366,7 @@ def test_cached_store_reply_equals_pynetdicoms_encoding(status: int, sop_instanc
 ])
 def test_replies_the_template_does_not_cover_go_pynetdicoms_way(
         sop_class: str, sop_instance: str, extra: dict[str, object]) -> None:
-    from scheduler.scp_replies import store_response_pdv
+    from scheduler.ingest.scp_replies import store_response_pdv
 
     rsp = _response_primitive(7, sop_class, sop_instance, 0xA700, **extra)
     assert store_response_pdv(rsp) is None
@@ -410,7 +410,7 @@ def test_pynetdicom_log_handlers_follow_the_log_level() -> None:
     """Per-message log handlers (and so the pynetdicom reply path) only at DEBUG."""
     from pynetdicom import _config
 
-    from scheduler.scp_replies import quiet_standard_handlers
+    from scheduler.ingest.scp_replies import quiet_standard_handlers
 
     before = _config.LOG_HANDLER_LEVEL
     try:

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from db.model_registry import register_bundle
 from db.models import Finding, Job, Model
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.manifest import load_manifest
 from lightbox.preprocess import prepare_file
 from lightbox.synthetic import write_study
-from scheduler.dispatch import PassReport, dispatch_ready
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend
 from worker.decode_pool import DecodePool, InlineDecoder
 from worker.model_cache import ModelCache

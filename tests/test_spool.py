@@ -1,4 +1,4 @@
-"""The SCP's spool registrar (scheduler/spool.py), run as the spawned process it is in
+"""The SCP's spool registrar (scheduler/ingest/spool.py), run as the spawned process it is in
 `lightbox scp`, fed through its queue with instances written into real spool slots."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from sqlalchemy import select
 from db.models import Event, Instance
 from db.queries import status
 from db.session import session_scope
-from scheduler.register import Received
-from scheduler.spool import Spool, received, run_registrar, spool_dir
+from scheduler.ingest.registration import Received
+from scheduler.ingest.spool import Spool, received, run_registrar, spool_dir
 from tests.conftest import Backend, wait_for
 from tests.pacs_peers import ct_instances
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from db.model_registry import production_model, register_bundle
 from db.models import ModelStage
-from db.registry import production_model, register_bundle
 from db.session import session_scope
 from lightbox.errors import ManifestError
 from lightbox.manifest import PreprocessSpec, load_manifest, sha256_file

@@ -11,14 +11,14 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from db.model_registry import list_models, register_bundle
 from db.models import Finding, Job, JobState, ModelStage, Study
-from db.registry import list_models, register_bundle
 from db.session import session_scope
 from lightbox.manifest import load_manifest
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.ingest_folder import ingest_paths
+from scheduler.ingest.folder import ingest_paths
 from tests.conftest import Backend, stop_processes, wait_for
 from trainer.architectures import GapClassifier, Scorer, build_network
 from trainer.export import PARITY_TOLERANCE, onnx_scores

@@ -147,7 +147,7 @@ def test_train_command_on_rsna_layout(rsna_root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "LIGHTBOX_DATA_DIR": str(tmp_path / "data")}
     env.pop("LIGHTBOX_DATABASE_URL", None)
     out = subprocess.run(
-        [sys.executable, "-m", "lightbox.cli", "train", "--data", str(rsna_root), "--name",
+        [sys.executable, "-m", "cli.main", "train", "--data", str(rsna_root), "--name",
          "rsna", "--epochs", "1", "--batch-size", "16", "--version", "v1", "--json"],
         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -155,12 +155,12 @@ def test_train_command_on_rsna_layout(rsna_root: Path, tmp_path: Path) -> None:
     assert report["version"] == "v1" and report["balance"]["train"]["images"] > 0
     assert report["stage"] == "staging" and report["monitor"] == "val_loss"
     assert "epoch 1/1: train loss" in out.stderr  # the per-epoch line, no terminal attached
-    listed = subprocess.run([sys.executable, "-m", "lightbox.cli", "models", "list", "--format",
+    listed = subprocess.run([sys.executable, "-m", "cli.main", "models", "list", "--format",
                              "json"], env=env, capture_output=True, text=True, timeout=120)
     assert [(m["name"], m["version"], m["stage"]) for m in json.loads(listed.stdout)] == [
         ("rsna", "v1", "staging")]
     bad = subprocess.run(
-        [sys.executable, "-m", "lightbox.cli", "train", "--data", str(tmp_path), "--epochs", "1"],
+        [sys.executable, "-m", "cli.main", "train", "--data", str(tmp_path), "--epochs", "1"],
         env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "class folders" in bad.stderr  # clear error, no traceback
     assert "Traceback" not in bad.stderr

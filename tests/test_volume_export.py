@@ -1,4 +1,4 @@
-"""DICOM SEG and TID 1500 SR of a volume job (scheduler/outputs/seg.py, volume_sr.py) through
+"""DICOM SEG and TID 1500 SR of a volume job (scheduler/export/dicom/seg.py, volume_sr.py) through
 the export outbox: both pass dciodvfy without errors, Orthanc accepts them over C-STORE, the
 SEG's frames reference the source CT instances and carry SNOMED CT codes, the SR references
 the SEG."""
@@ -17,8 +17,8 @@ from db.session import session_scope
 from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic_volume import make_phantom, write_series
-from scheduler.export import build_pass, send_pass
-from scheduler.route import load_rules
+from scheduler.export.outbox import build_pass, send_pass
+from scheduler.scheduling.route import load_rules
 from tests.pacs_peers import dciodvfy_errors, orthanc, require
 from tests.volume_helpers import ingest_and_dispatch, oracle_bundle, register
 from worker.model_cache import ModelCache

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from db.migrate import upgrade
-from db.registry import production_model
+from db.model_registry import production_model
 from db.session import session_scope
 from lightbox.manifest import load_manifest
 from lightbox.settings import Settings

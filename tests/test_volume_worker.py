@@ -23,7 +23,7 @@ from db.volume_tables import SeriesFinding
 from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic_volume import make_phantom, write_series
-from scheduler.route import load_rules
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend
 from tests.volume_helpers import ingest_and_dispatch, oracle_bundle, phantom_truth, register
 from worker.decode_pool import DecodePool
@@ -94,12 +94,12 @@ def test_series_findings_match_the_phantom(tmp_path: Path, backend: Backend) -> 
         # The mask is on the source grid, in plan order (ascending z), close to the truth.
         overlap = (mask["mask"] > 0) & (truth.mask > 0)
         assert overlap.sum() >= 0.6 * truth.mask.sum()
-    shown = subprocess.run([sys.executable, "-m", "lightbox.cli", "results", "--series",
+    shown = subprocess.run([sys.executable, "-m", "cli.main", "results", "--series",
                             "--format", "json"], env=backend.env, capture_output=True,
                            text=True, check=True, timeout=120)
     rows = {r["job_id"]: r for r in json.loads(shown.stdout)}
     assert rows[jobs[0]]["lesion_count"] == 2 and rows[jobs[1]]["lesion_count"] == 0
-    table = subprocess.run([sys.executable, "-m", "lightbox.cli", "results"], env={
+    table = subprocess.run([sys.executable, "-m", "cli.main", "results"], env={
         **backend.env, "COLUMNS": "200"}, capture_output=True, text=True, check=True,
         timeout=120).stdout
     assert "Series findings" in table and "POSITI" in table, table

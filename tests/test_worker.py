@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from db.model_registry import register_bundle
 from db.models import Finding, Job, JobState, Study, StudyStatus
 from db.queries import findings
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.redis_server import redis_client
 from lightbox.roots import stored_file
 from lightbox.synthetic import real_chest_crs, write_study
-from lightbox.tasks import QUEUE
-from scheduler.dispatch import PassReport, dispatch_ready, send_pending
-from scheduler.register import register_file
-from scheduler.route import load_rules
+from lightbox.task_names import QUEUE
+from scheduler.ingest.registration import register_file
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, stop_processes, wait_for
 from worker.model_cache import ModelCache
 from worker.process import run_job, write_results

@@ -21,11 +21,11 @@ from db.models import Job, JobState
 from db.session import session_scope
 from lightbox.celery_app import make_celery
 from lightbox.redis_server import redis_client
-from lightbox.tasks import QUEUE
-from scheduler.dispatch import PassReport
-from scheduler.loop import run_pass
-from scheduler.reconcile import clear_finished_reservations, requeue_stale
-from scheduler.route import load_rules
+from lightbox.task_names import QUEUE
+from scheduler.scheduling.dispatch import PassReport
+from scheduler.scheduling.passes import run_pass
+from scheduler.scheduling.reconcile import clear_finished_reservations, requeue_stale
+from scheduler.scheduling.route import load_rules
 from tests.conftest import Backend, wait_for
 from tests.faults.model import tiny_bundle_fixture, tiny_model_fixture  # noqa: F401
 from tests.test_reconcile import _jobs, _settings, _studies
@@ -116,7 +116,7 @@ def test_worker_killed_with_sigkill_is_listed_gone(sqlite_backend: Backend,
     env = {**backend.env, "LIGHTBOX_HEARTBEAT_TIMEOUT_SECONDS": "3"}
 
     def workers() -> dict[str, str]:
-        out = subprocess.run([sys.executable, "-m", "lightbox.cli", "status", "--format", "json"],
+        out = subprocess.run([sys.executable, "-m", "cli.main", "status", "--format", "json"],
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         return {w["hostname"]: w["state"] for w in json.loads(out.stdout)["workers"]}

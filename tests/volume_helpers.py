@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from db.model_registry import register_bundle
 from db.models import Job
-from db.registry import register_bundle
 from db.session import session_scope
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec, VolumeSpec, write_bundle_manifest
 from lightbox.settings import Settings
-from scheduler.dispatch import PassReport, dispatch_ready
-from scheduler.ingest_folder import ingest_paths
-from scheduler.route import Rule
+from scheduler.ingest.folder import ingest_paths
+from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.route import Rule
 
 ROI = (8, 24, 24)
 # Window 40 / 1000 HU: tissue (40) → 0.50, lesion (110) → 0.57, bone → 1, lung → 0.04.

@@ -210,7 +210,7 @@ def compile_bundle(
 def _refresh_registry(settings: Settings, bundle_dir: Path) -> None:
     """A registered bundle's stored manifest gains the new files (workers read the bundle's
     own manifest; the registry copy is for `lightbox models show`)."""
-    from db.registry import find_by_bundle, register_bundle
+    from db.model_registry import find_by_bundle, register_bundle
     from db.session import session_scope
 
     with session_scope(settings.sqlalchemy_url) as session:

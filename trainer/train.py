@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from db.registry import register_bundle
+from db.model_registry import register_bundle
 from db.session import session_scope
 from lightbox.manifest import FeatureSpec, FusionSpec, InputSpec, Manifest, PreprocessSpec
 from lightbox.settings import Settings

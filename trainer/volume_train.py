@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from db.registry import register_bundle
+from db.model_registry import register_bundle
 from db.session import session_scope
 from lightbox.errors import ManifestError
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec, VolumeSpec, write_bundle_manifest

@@ -1,4 +1,4 @@
-"""The Celery task a worker runs, registered under :data:`lightbox.tasks.PROCESS_JOB`.
+"""The Celery task a worker runs, registered under :data:`lightbox.task_names.PROCESS_JOB`.
 
 Pool choice: ``threads``, concurrency ``LIGHTBOX_WORKER_CONCURRENCY`` (jobs in flight).
 - No fork: a CUDA context does not survive fork (a prefork child inherits a broken one), and
@@ -32,7 +32,7 @@ from db.upsert import insert_ignore
 from lightbox import metrics
 from lightbox.celery_app import make_celery
 from lightbox.settings import Settings, get_settings
-from lightbox.tasks import PROCESS_JOB, QUEUE
+from lightbox.task_names import PROCESS_JOB, QUEUE
 from worker.layout import sized_settings
 from worker.model_cache import ModelCache, RuntimeLoader
 from worker.pipeline import WorkerPipeline

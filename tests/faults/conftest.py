@@ -18,13 +18,13 @@ import pytest
 from sqlalchemy import func, select
 
 from db.migrate import upgrade
+from db.model_registry import register_bundle
 from db.models import Finding, Job, JobState, Study
 from db.queries import studies_pending
-from db.registry import register_bundle
 from db.session import session_scope, sessionmaker_for
 from lightbox.settings import Settings
 from lightbox.synthetic import write_study
-from scheduler.register import register_file
+from scheduler.ingest.registration import register_file
 from tests.conftest import Backend, _env, stop_processes, wait_for
 from tests.faults.model import tiny_bundle_fixture  # noqa: F401 - fixture
 from tests.faults.servers import PostgresServer, RedisServer, Unavailable

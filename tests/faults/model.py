@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, save_model
 from pydicom.uid import generate_uid
 
-from db.registry import register_bundle
+from db.model_registry import register_bundle
 from db.session import session_scope
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec, write_bundle_manifest
 from lightbox.synthetic import SyntheticStudy, cr_dataset

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from db.models import Event, Job, JobState
 from db.session import session_scope
-from lightbox.tasks import queue_keys
+from lightbox.task_names import queue_keys
 from tests.conftest import wait_for
 from tests.faults.conftest import Cluster
 

@@ -1,1 +1,0 @@
-"""`lightbox` command groups, one module per area, registered at the bottom of lightbox.cli."""

@@ -1,0 +1,17 @@
+"""Logging set-up for every Lightbox process, in the core so that components (the SCP's spool
+registrar runs in a process of its own) set it up the same way without importing the CLI."""
+
+from __future__ import annotations
+
+import logging
+
+from lightbox.settings import Settings
+
+
+def setup_logging(settings: Settings) -> None:
+    """Log lines to stderr (stdout stays for a command's output: JSON, tables)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # 7 lines per start
