@@ -92,7 +92,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _make_inputs(settings: Settings, studies: int, uids_volume: list[str]
+def _make_inputs(settings: Settings, studies: int, uids_volume: list[str] | None
                  ) -> tuple[list[str], str, str, int]:
     """Write the demo's files into a staging folder; return (routed study UIDs, real CR study,
     CT study, image count)."""
@@ -109,6 +109,15 @@ def _make_inputs(settings: Settings, studies: int, uids_volume: list[str]
     uids.append(real_uid)
     images += len(real_paths)
     ct_uid = write_ct_study(staging)
+    if uids_volume is not None:
+        _write_volume_series(staging, rng, uids_volume)
+    (staging / "notes.txt").write_text("not a DICOM file\n")
+    good = next(staging.glob("*.dcm"))
+    (staging / "truncated.dcm").write_bytes(good.read_bytes()[:2000])
+    return uids, real_uid, ct_uid, images
+
+
+def _write_volume_series(staging: Path, rng: np.random.Generator, uids_volume: list[str]) -> None:
     # A SYNTHETIC CT series (phantom with a lesion) whose slices arrive in shuffled order,
     # routed by the packaged series rule to the volume models.
     from lightbox.synthetic_volume import make_phantom, write_series
@@ -123,10 +132,6 @@ def _make_inputs(settings: Settings, studies: int, uids_volume: list[str]
     for index, path in enumerate(volume_paths):  # flat, shuffled names in the inbox
         path.rename(staging / f"ctvol-{index:03d}-{uuid.uuid4().hex[:6]}.dcm")
     (staging / "ct-volume").rmdir()
-    (staging / "notes.txt").write_text("not a DICOM file\n")
-    good = next(staging.glob("*.dcm"))
-    (staging / "truncated.dcm").write_bytes(good.read_bytes()[:2000])
-    return uids, real_uid, ct_uid, images
 
 
 def _drop(staging: Path, inbox: Path) -> None:
@@ -152,25 +157,32 @@ def _ensure_model(settings: Settings, console: Console) -> None:
                   f"{result.metrics.get('auroc', float('nan')):.3f} (synthetic data)")
 
 
-def _ensure_volume_models(settings: Settings, console: Console) -> None:
+def _ensure_volume_models(settings: Settings, console: Console) -> bool:
     """The two 3-D CT models (segmentation, lesion present), trained on SYNTHETIC phantoms in
-    seconds when none is in production."""
-    from trainer.volume_train import DEFAULT_NAMES
+    seconds when none is in production. False when they cannot be: a node without the trainer
+    (no torch, e.g. the `cpu` container image) runs the demo without its CT series."""
+    from lightbox.synthetic_volume import VOLUME_MODEL_NAMES
 
-    for kind, name in DEFAULT_NAMES.items():
+    for kind, name in VOLUME_MODEL_NAMES.items():
         with session_scope(settings.sqlalchemy_url) as session:
             model = session.scalars(select(Model).where(
                 Model.name == name, Model.stage == ModelStage.production)).first()
         if model is not None:
             console.print(f"model {name} {model.version} is in production")
             continue
+        try:
+            from trainer.volume_train import train_volume_model
+        except ImportError as exc:
+            console.print(f"no production {name} model and no trainer here ({exc}; install "
+                          "lightbox[train]): the demo runs without its CT series")
+            return False
         console.print(f"no production {name} model: training a tiny 3-D {kind} network on "
                       "SYNTHETIC CT phantoms")
-        from trainer.volume_train import train_volume_model
 
         result = train_volume_model(settings, kind, volumes=24, steps=25)  # type: ignore[arg-type]
         console.print(f"trained {name} {result.manifest.version} in {result.seconds:.0f} s "
                       f"(synthetic data): {result.manifest.metrics}")
+    return True
 
 
 def _volume_outputs(settings: Settings, console: Console, study_uid: str) -> int:
@@ -259,20 +271,22 @@ def run_demo(settings: Settings, console: Console, *, studies: int, timeout: flo
             ensure_embedded_redis(settings)
             console.print(f"embedded Redis on {embedded_socket(settings)}")
         _ensure_model(settings, console)
-        _ensure_volume_models(settings, console)
+        with_volumes = _ensure_volume_models(settings, console)
         env, logs = _child_env(settings), settings.data_path / "logs"
         inbox = settings.data_path / "inbox"
         services.start("worker", ["worker"], env, logs)
         services.start("scheduler", ["scheduler"], env, logs)
         services.start("watch", ["watch", str(inbox)], env, logs)
         volume_uids: list[str] = []
-        uids, real_uid, ct_uid, images = _make_inputs(settings, studies, volume_uids)
+        uids, real_uid, ct_uid, images = _make_inputs(settings, studies,
+                                                      volume_uids if with_volumes else None)
         staging = settings.data_path / "demo-staging"
         for run_dir in list(staging.iterdir()):
             _drop(run_dir, inbox)
         console.print(f"dropped {len(uids)} chest studies ({images} images, incl. 2 real CRs), "
-                      "1 one-slice CT study, 1 CT series of 24 slices in shuffled order and 2 bad "
-                      "files into the watched folder")
+                      "1 one-slice CT study, "
+                      + ("1 CT series of 24 slices in shuffled order " if with_volumes else "")
+                      + "and 2 bad files into the watched folder")
         all_uids = [*uids, ct_uid, *volume_uids]
         started = time.monotonic()
         with Progress(TextColumn("{task.description}"), BarColumn(),
@@ -303,7 +317,7 @@ def run_demo(settings: Settings, console: Console, *, studies: int, timeout: flo
                       f"…{real_uid[-18:]}")
         console.print(f"CT study …{ct_uid[-18:]}: one slice, no routing rule (recorded as "
                       "unrouted)")
-        volume_failed = _volume_outputs(settings, console, volume_uids[0])
+        volume_failed = _volume_outputs(settings, console, volume_uids[0]) if volume_uids else 0
         for q in report["quarantined"][:2]:
             console.print(f"quarantined file {q['id']} (name kept only as a digest): "
                           f"{q['reason']}")

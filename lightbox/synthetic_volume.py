@@ -21,6 +21,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+# The demo's 3-D models (trained on these phantoms): the names the packaged series rule routes to.
+VOLUME_MODEL_NAMES = {"segmentation": "ct-lesion", "classification": "ct-lesion-present"}
+
 SYNTHETIC_NOTE = "SYNTHETIC phantom made by Lightbox; not patient data"
 
 

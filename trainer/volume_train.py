@@ -27,7 +27,7 @@ from db.session import session_scope
 from lightbox.errors import ManifestError
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec, VolumeSpec, write_bundle_manifest
 from lightbox.settings import Settings
-from lightbox.synthetic_volume import make_phantom
+from lightbox.synthetic_volume import VOLUME_MODEL_NAMES, make_phantom
 from lightbox.volume import Volume
 from lightbox.volume_input import model_grid
 from trainer.export import (
@@ -47,7 +47,7 @@ LABEL = "lesion"
 # The model grid: 2 × 2 × 2.5 mm voxels, soft-tissue window; patches of 16 × 32 × 32 voxels.
 SPACING = (2.0, 2.0, 2.5)
 ROI = (16, 32, 32)
-DEFAULT_NAMES = {"segmentation": "ct-lesion", "classification": "ct-lesion-present"}
+DEFAULT_NAMES = VOLUME_MODEL_NAMES
 
 
 @dataclass
