@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from db import jobs as job_states
 from db import study_queries as q
-from db.models import Event, Job, JobState
+from db.models import Event, Job, JobState, Model
 from db.queries import status as query_status
 from db.session import session_scope
 from lightbox.errors import LightboxError, ModelNotFoundError
@@ -286,20 +286,25 @@ def make_router(settings: Settings, auth: Authenticator) -> APIRouter:
             except ModelNotFoundError as exc:
                 raise HTTPException(404, str(exc)) from exc
 
+    def change_stage(action: str, change: Callable[..., Model], name: str, version: str,
+                     who: Principal, reason: str | None) -> dict[str, Any]:
+        """Promote or retire through the registry (its audit event names the token), then
+        this API's own audit event."""
+        with session_scope(url) as session:
+            try:
+                row = change(session, name, version, reason=reason, actor=token_actor(who))
+            except ModelNotFoundError as exc:
+                raise HTTPException(404, str(exc)) from exc
+            audit(session, who, action, model=name, version=version)
+            return q.model_row(row)
+
     @router.post("/models/{name}/{version}/promote", summary="Make this version the production "
                  "one (operator)")
     def promote(name: str, version: str, who: Principal = operator,
                 reason: str | None = Query(None, max_length=500)) -> dict[str, Any]:
         from db.model_registry import promote as promote_model
 
-        with session_scope(url) as session:
-            try:
-                row = promote_model(session, name, version, reason=reason,
-                                    actor=token_actor(who))
-            except ModelNotFoundError as exc:
-                raise HTTPException(404, str(exc)) from exc
-            audit(session, who, "promote", model=name, version=version)
-            return q.model_row(row)
+        return change_stage("promote", promote_model, name, version, who, reason)
 
     @router.post("/models/{name}/{version}/retire", summary="Take this version out of service "
                  "(operator)")
@@ -307,14 +312,7 @@ def make_router(settings: Settings, auth: Authenticator) -> APIRouter:
                reason: str | None = Query(None, max_length=500)) -> dict[str, Any]:
         from db.model_registry import retire as retire_model
 
-        with session_scope(url) as session:
-            try:
-                row = retire_model(session, name, version, reason=reason,
-                                   actor=token_actor(who))
-            except ModelNotFoundError as exc:
-                raise HTTPException(404, str(exc)) from exc
-            audit(session, who, "retire", model=name, version=version)
-            return q.model_row(row)
+        return change_stage("retire", retire_model, name, version, who, reason)
 
     @router.get("/status", summary="What `lightbox status --format json` gives")
     def status(_: Principal = reader) -> dict[str, Any]:
