@@ -49,11 +49,19 @@ class _Lightbox(click.Group):
                        f"{database_label(get_settings())} not reachable: {first}", err=True)
             sys.exit(EXIT_CONFIG)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Asking a command for its help must work with a broken configuration: that is when
+        # an operator reads it.
+        ctx.meta["lightbox.help_only"] = "--help" in args
+        return super().parse_args(ctx, args)
+
 
 @click.group(cls=_Lightbox)
 @click.version_option(package_version("lightbox"), prog_name="lightbox")
 def main() -> None:
     """Lightbox: batch AI inference for hospital imaging queues."""
+    if click.get_current_context().meta.get("lightbox.help_only"):
+        return
     settings = get_settings()  # every command starts from a valid configuration
     os.umask(settings.file_umask)  # patient data: files 0600, folders 0700 by default
     setup_logging(settings)

@@ -68,6 +68,18 @@ def test_configuration_errors_are_one_line_exit_2(tmp_path: Path, extra: dict[st
     assert "Traceback" not in out.stderr and "hunter2" not in out.stderr
 
 
+@pytest.mark.parametrize("args", [("db", "--help"), ("worker", "--help"), ("--help",)])
+def test_help_works_with_a_broken_configuration(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """The operator reads the help when the configuration is wrong: it must not demand a valid
+    one first; a real command still refuses it."""
+    env = _env(tmp_path, LIGHTBOX_QUIET_SECOND="5")
+    out = _cli(env, *args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Usage: ") and "configuration error" not in out.stderr
+    refused = _cli(env, *[a for a in args if a != "--help"] or ["status"])
+    assert refused.returncode == 2 and "LIGHTBOX_QUIET_SECOND" in refused.stderr
+
+
 def test_scp_without_allow_list_is_one_line_exit_2(tmp_path: Path) -> None:
     out = _cli(_env(tmp_path), "scp")
     assert out.returncode == 2
