@@ -149,3 +149,60 @@ def _slice_dataset(base: Dataset, hu: np.ndarray, study_uid: str, series_uid: st
             del ds[keyword]
     ds.PixelData = np.clip(stored, 0, 65535).astype("<u2").tobytes()
     return ds
+
+
+def phantom_slice(size: int, z_mm: float, pixel_mm: float,
+                  lesions: Sequence[tuple[float, float, float, float]] = ()) -> np.ndarray:
+    """One axial cross-section (size × size, HU, float32) of the body-like phantom at slice
+    position ``z_mm``, cut through spherical ``lesions`` (z mm, row, column, radius mm): the
+    anatomy of :func:`make_phantom`, made a slice at a time so that a series of any length is
+    written without ever holding its volume."""
+    y, x = np.ogrid[:size, :size]
+    c = (size - 1) / 2
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    body = ((y - c) / (0.42 * size)) ** 2 + ((x - c) / (0.46 * size)) ** 2 <= 1
+    hu[body] = 40.0
+    for side in (-1, 1):
+        lung = (((y - c * 0.9) / (0.22 * size)) ** 2
+                + ((x - c - side * 0.2 * size) / (0.13 * size)) ** 2 <= 1)
+        hu[lung & body] = -850.0
+    hu[((y - c - 0.3 * size) / (0.06 * size)) ** 2 + ((x - c) / (0.06 * size)) ** 2 <= 1] = 700.0
+    for lz, ly, lx, radius in lesions:
+        cut = (radius ** 2 - (z_mm - lz) ** 2) / pixel_mm ** 2  # in-plane radius², pixels²
+        if cut > 0:
+            hu[((y - ly) ** 2 + (x - lx) ** 2 <= cut) & (hu == 40.0)] += 70.0
+    return hu
+
+
+def write_large_series(folder: Path, slices: int, size: int = 512,
+                       spacing: Sequence[float] = (0.7, 0.7, 1.0), seed: int = 0,
+                       noise: float = 10.0) -> list[Path]:
+    """A SYNTHETIC single-frame CT series of ``slices`` slices of ``size`` × ``size`` (16-bit,
+    uncompressed) in ``folder``, written slice by slice (memory: one slice), for the volume
+    path's memory benchmark and test. Spacing (x, y, z) mm; three spherical lesions (radius
+    6–10 mm) spread along the series; files named and numbered in shuffled order, as arrival
+    order says nothing about position. Marked SYNTHETIC like :func:`write_series`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    template_path = get_testdata_file("CT_small.dcm")
+    if not isinstance(template_path, str):
+        raise FileNotFoundError("pydicom-data has no test file 'CT_small.dcm'")
+    base = pydicom.dcmread(template_path)
+    rng = np.random.default_rng(seed)
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    lesions = [(slices * spacing[2] * f, size * (0.45 + 0.05 * i), size * 0.45, radius)
+               for i, (f, radius) in enumerate(((0.25, 6.0), (0.5, 10.0), (0.75, 8.0)))]
+    order = list(range(slices))
+    random.Random(seed).shuffle(order)
+    origin = np.array([-size * spacing[0] / 2, -size * spacing[1] / 2, 0.0])
+    paths = []
+    for number, k in enumerate(order, start=1):
+        hu = phantom_slice(size, k * spacing[2], spacing[0], lesions)
+        hu += rng.normal(0.0, noise, size=hu.shape).astype(np.float32)
+        ds = _slice_dataset(base, np.round(hu), study_uid, series_uid, frame_uid,
+                            position=origin + np.array([0.0, 0.0, spacing[2] * k]),
+                            orientation=(1, 0, 0, 0, 1, 0), spacing=spacing, number=number,
+                            slope=1.0, description="SYNTHETIC large phantom series")
+        path = folder / f"{number:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

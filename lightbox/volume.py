@@ -353,31 +353,125 @@ def load_series(paths: Iterable[Path | str], spacing_tolerance: float = SPACING_
     return stack(plan_files(paths, spacing_tolerance))
 
 
+# Source bytes one resampling slab may copy (SimpleITK takes its own copy of each slab): the
+# transient memory of resampling, independent of the series' length.
+SLAB_BYTES = 32 << 20
+# Source slices beyond a slab's own span that its interpolation may read: linear and nearest
+# neighbour read the next slice; B-spline's prefilter is recursive over the whole image, and its
+# influence decays by 0.268 per slice, so 12 extra slices leave < 1e-6 of it.
+_SLAB_MARGIN = {"linear": 1, "nearest": 1, "bspline": 12}
+
+
+@dataclass(frozen=True)
+class _Oriented:
+    """A source array seen in another orientation (a numpy view: axes permuted and flipped,
+    nothing copied) with the geometry SimpleITK's DICOMOrient would give it."""
+
+    array: np.ndarray
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray  # 3×3, columns are the i, j, k axes
+
+
+def _oriented(volume: Volume, orientation: str | None) -> _Oriented:
+    array = volume.array
+    origin = np.asarray(volume.origin, dtype=float)
+    spacing = np.asarray(volume.spacing, dtype=float)
+    direction = np.asarray(volume.direction, dtype=float).reshape(3, 3)
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(volume.direction)
+    if not orientation or orientation.upper() == current:
+        return _Oriented(array, origin, spacing, direction)
+    # DICOMOrient's own permutation and flips, found on a 1-voxel image of the same direction.
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetDirection(volume.direction)
+    orient = sitk.DICOMOrientImageFilter()
+    orient.SetDesiredCoordinateOrientation(orientation.upper())
+    orient.Execute(probe)
+    order = [int(a) for a in orient.GetPermuteOrder()]
+    flips = [bool(f) for f in orient.GetFlipAxes()]
+    # SimpleITK axis a (x, y, z) is numpy axis 2 - a.
+    array = np.transpose(array, [2 - order[2], 2 - order[1], 2 - order[0]])
+    spacing, direction = spacing[order], direction[:, order]
+    size = np.asarray(array.shape[::-1])
+    for axis, flip in enumerate(flips):
+        if flip:
+            origin = origin + direction[:, axis] * spacing[axis] * (size[axis] - 1)
+            direction[:, axis] = -direction[:, axis]
+            index: list[slice] = [slice(None)] * 3
+            index[2 - axis] = slice(None, None, -1)
+            array = array[tuple(index)]
+    return _Oriented(array, origin, spacing, direction)
+
+
 def resample(volume: Volume, spacing: Sequence[float] | None = None,
              orientation: str | None = None, interpolator: str = "linear",
-             fill: float | None = None, release: bool = False) -> Volume:
+             fill: float | None = None, release: bool = False,
+             slab_bytes: int = SLAB_BYTES) -> Volume:
     """``volume`` on a grid of ``spacing`` (x, y, z mm) and ``orientation`` (a DICOM/ITK code
     such as "LPS": the directions the i, j, k axes point to; axes are permuted and flipped, an
     oblique grid stays oblique). ``fill`` defaults to the volume's minimum (air for CT).
 
-    ``release``: drop ``volume.array`` once SimpleITK holds its copy (the worker's case), so the
-    source volume exists once, not twice, while it is resampled; the geometry stays."""
+    Memory: the output, preallocated, plus one slab. The output is made in slabs along its slice
+    axis, each resampled by SimpleITK from only the source slices it needs (a copy of at most
+    ``slab_bytes``), so the source is never copied whole (SimpleITK has no zero-copy view of a
+    numpy array). Orientation is a numpy view (DICOMOrient's permutation and flips, exact); the
+    values equal one SimpleITK resample of the whole volume to within float rounding.
+
+    ``release``: drop ``volume.array`` once resampled (the worker's case); the geometry stays."""
     fill = float(volume.array.min()) if fill is None else fill
-    image = volume.to_sitk()
+    source = _oriented(volume, orientation)
+    old_spacing = source.spacing
+    new_spacing = old_spacing if spacing is None else np.asarray(spacing, dtype=float)
+    old_size = np.asarray(source.array.shape[::-1])
+    size = (old_size if spacing is None
+            else np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int))
+    if spacing is None or np.allclose(new_spacing, old_spacing, rtol=0, atol=1e-9):
+        array = np.ascontiguousarray(source.array, dtype=np.float32)
+        size = old_size
+    else:
+        array = _resample_slabs(source, [int(n) for n in size], new_spacing,
+                                _interpolator(interpolator), _SLAB_MARGIN[interpolator], fill,
+                                slab_bytes)
     if release:
         volume.array = np.empty((0, 0, 0), np.float32)
-    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-    if orientation and orientation.upper() != current:
-        image = sitk.DICOMOrient(image, orientation.upper())
-    if spacing is not None:
-        old_spacing = np.asarray(image.GetSpacing())
-        new_spacing = np.asarray(spacing, dtype=float)
-        size = np.maximum(1, np.round(np.asarray(image.GetSize()) * old_spacing / new_spacing))
-        image = sitk.Resample(
-            image, [int(s) for s in size], sitk.Transform(), _interpolator(interpolator),
-            image.GetOrigin(), [float(s) for s in new_spacing], image.GetDirection(),
-            fill, sitk.sitkFloat32)
-    return Volume.from_sitk(image, volume.sources)
+    direction = tuple(float(v) for v in source.direction.ravel())
+    return Volume(array=array, origin=(float(source.origin[0]), float(source.origin[1]),
+                                       float(source.origin[2])),
+                  spacing=(float(new_spacing[0]), float(new_spacing[1]), float(new_spacing[2])),
+                  direction=direction, sources=volume.sources)
+
+
+def _resample_slabs(source: _Oriented, size: list[int], spacing: np.ndarray, interpolator: int,
+                    margin: int, fill: float, slab_bytes: int) -> np.ndarray:
+    """The output grid (``source``'s origin and direction, ``size``, ``spacing``) resampled a
+    slab of output slices at a time into one preallocated float32 array."""
+    out = np.empty(size[::-1], dtype=np.float32)
+    nz = source.array.shape[0]
+    ratio = spacing[2] / source.spacing[2]  # source slices per output slice
+    slice_bytes = max(1, source.array[0].size * 4)
+    source_per_slab = max(1, slab_bytes // slice_bytes - 2 * margin - 1)
+    step = max(1, int(source_per_slab / max(ratio, 1e-9)))
+    direction = tuple(float(v) for v in source.direction.ravel())
+    k_axis = source.direction[:, 2]
+    for k0 in range(0, size[2], step):
+        k1 = min(size[2], k0 + step)
+        first = max(0, int(np.floor(k0 * ratio)) - margin)
+        last = min(nz, int(np.ceil((k1 - 1) * ratio)) + margin + 1)
+        if first >= last:  # beyond the source: nothing to interpolate
+            out[k0:k1] = fill
+            continue
+        slab = sitk.GetImageFromArray(
+            np.ascontiguousarray(source.array[first:last], dtype=np.float32))
+        slab.SetOrigin([float(v) for v in source.origin + k_axis * source.spacing[2] * first])
+        slab.SetSpacing([float(v) for v in source.spacing])
+        slab.SetDirection(direction)
+        resampled = sitk.Resample(
+            slab, [size[0], size[1], k1 - k0], sitk.Transform(), interpolator,
+            [float(v) for v in source.origin + k_axis * spacing[2] * k0],
+            [float(v) for v in spacing], direction, fill, sitk.sitkFloat32)
+        out[k0:k1] = sitk.GetArrayViewFromImage(resampled)
+        del slab, resampled
+    return out
 
 
 def resample_like(array: np.ndarray, geometry: Volume, reference: Volume,

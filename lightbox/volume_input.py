@@ -4,7 +4,8 @@ follows its recipe: patches on a regular grid with ``overlap``, the last one flu
 border, each patch's output weighted by a Gaussian centred on it, the sum divided by the weights).
 
 Memory: :class:`Stitcher` holds two float32 arrays the size of the *resampled* volume (sum and
-weights); patches are produced one batch at a time by :func:`patch_starts`, never all at once.
+weights), accumulated and divided in place; patches are produced one batch at a time by
+:func:`patch_starts`, never all at once.
 """
 
 from __future__ import annotations
@@ -118,12 +119,18 @@ class Stitcher:
                        else np.ones(tuple(roi), dtype=np.float32))
 
     def add(self, start: Sequence[int], output: np.ndarray) -> None:
+        """Accumulates in float32, in place: the only temporary is one patch-sized product."""
         region = tuple(slice(s, s + r) for s, r in zip(start, self.roi, strict=True))
-        self.sum[(slice(None), *region)] += output * self.kernel
+        weighted = np.multiply(output, self.kernel, dtype=np.float32)
+        self.sum[(slice(None), *region)] += weighted
         self.weight[region] += self.kernel
 
     def result(self) -> np.ndarray:
+        """The blended map, a view of ``sum`` divided in place (the weights are floored in
+        place too: no volume-sized temporary)."""
         crop = tuple(slice(0, n) for n in self.shape)
         out = self.sum[(slice(None), *crop)]
-        out /= np.maximum(self.weight[crop], 1e-6)
+        weight = self.weight[crop]
+        np.maximum(weight, np.float32(1e-6), out=weight)
+        out /= weight
         return out

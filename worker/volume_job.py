@@ -226,11 +226,56 @@ def save_mask(path: Path, mask: np.ndarray, sources: tuple[SliceRef, ...]) -> No
     tmp.replace(path)
 
 
+@dataclass
+class SeriesAnalysis:
+    """What the model says about one series: ``(label, score, threshold)`` per label, and for
+    segmentation the lesions and their uint8 mask on the source grid (plan order)."""
+
+    scores: list[tuple[str, float, float]]
+    lesions: Lesions | None = None
+    mask: np.ndarray | None = None
+
+
+def analyse_series(runner: Any, model: Any, plan: VolumePlan, job_id: int) -> SeriesAnalysis:
+    """The series of ``plan`` through the model: decode → model grid → inference (one input,
+    or sliding window + stitching) → lesions and mask. No database: the job writes the result,
+    the memory benchmark (bench/volume_memory.py) measures exactly this."""
+    manifest: Manifest = model.manifest
+    spec = manifest.volume
+    assert spec is not None
+    decoder = getattr(runner, "decoder", None) or _InlineCalls()
+    source = decode_volume(plan, decoder, in_flight=4 * max(1, int(getattr(decoder, "workers", 1))))
+    grid = model_grid(source, spec, release=True)  # the HU volume freed; geometry kept
+    if spec.mode == "fixed":
+        tensor = crop_or_pad(grid.array, spec.roi_size)[np.newaxis]
+        if hasattr(runner, "batcher_for"):
+            result = runner.batcher_for(model).submit(tensor, job_id).result()
+            outputs = result.outputs
+        else:
+            outputs = {k: np.asarray(v)[0] for k, v in model.runtime.infer(tensor[None]).items()}
+        scores = np.asarray(outputs.get(manifest.output_name, next(iter(outputs.values()))))
+        return SeriesAnalysis([(label, float(score), manifest.threshold_for(label))
+                               for label, score in zip(manifest.labels, scores.reshape(-1),
+                                                       strict=False)])
+    probabilities = infer_patches(runner, model, job_id, grid.array, spec, manifest.output_name)
+    grid.array = np.empty((0, 0, 0), np.float32)  # the stitched map replaces the input
+    # Lesions are measured on the model grid (small); speckle removed there is removed
+    # from the probabilities too, then the mask goes back to the source grid for the SEG.
+    grid_mask = (probabilities > spec.segment_threshold).view(np.uint8)
+    before = grid_mask.copy()
+    lesions = measure(grid_mask, grid, spec.min_lesion_ml)
+    probabilities[(before > 0) & (grid_mask == 0)] = 0.0
+    del before, grid_mask
+    shape = (len(plan.slices), plan.slices[0].rows, plan.slices[0].columns)
+    mask = mask_on_source(probabilities, grid, _shaped(source, shape), spec.segment_threshold)
+    score = float(probabilities.max()) if probabilities.size else 0.0
+    return SeriesAnalysis([(manifest.labels[0], score, spec.segment_threshold)], lesions, mask)
+
+
 def run_volume_job(settings: Settings, runner: Any, model: Any, job: Job,
                    series_uid: str, paths: list[str]) -> int:
     """Infer one series and write its findings; returns the number of finding rows."""
-    manifest: Manifest = model.manifest
-    spec = manifest.volume
+    spec = model.manifest.volume
     assert spec is not None
     if not paths:
         raise VolumeGeometryError(f"series {series_uid} has no stored instances")
@@ -238,40 +283,11 @@ def run_volume_job(settings: Settings, runner: Any, model: Any, job: Job,
     if len(plan.slices) < spec.min_slices:
         raise VolumeGeometryError(f"series {series_uid} has {len(plan.slices)} slices; the "
                                   f"model needs at least {spec.min_slices}")
-    decoder = getattr(runner, "decoder", None) or _InlineCalls()
-    source = decode_volume(plan, decoder, in_flight=4 * max(1, int(getattr(decoder, "workers", 1))))
-    grid = model_grid(source, spec, release=True)  # the HU volume freed; geometry kept
-    lesion_label = manifest.labels[0]
-    rows: list[dict[str, Any]] = []
-    mask_file = None
-    if spec.mode == "fixed":
-        tensor = crop_or_pad(grid.array, spec.roi_size)[np.newaxis]
-        if hasattr(runner, "batcher_for"):
-            result = runner.batcher_for(model).submit(tensor, job.id).result()
-            outputs = result.outputs
-        else:
-            outputs = {k: np.asarray(v)[0] for k, v in model.runtime.infer(tensor[None]).items()}
-        scores = np.asarray(outputs.get(manifest.output_name, next(iter(outputs.values()))))
-        for label, score in zip(manifest.labels, scores.reshape(-1), strict=False):
-            threshold = manifest.threshold_for(label)
-            rows.append(_row(job, series_uid, label, float(score), threshold))
-    else:
-        probabilities = infer_patches(runner, model, job.id, grid.array, spec,
-                                      manifest.output_name)
-        # Lesions are measured on the model grid (small); speckle removed there is removed
-        # from the probabilities too, then the mask goes back to the source grid for the SEG.
-        grid_mask = (probabilities > spec.segment_threshold).view(np.uint8)
-        before = grid_mask.copy()
-        lesions = measure(grid_mask, grid, spec.min_lesion_ml)
-        probabilities[(before > 0) & (grid_mask == 0)] = 0.0
-        del before
-        shape = (len(plan.slices), plan.slices[0].rows, plan.slices[0].columns)
-        source.array = np.empty((0, 0, 0), np.uint8)
-        mask = mask_on_source(probabilities, grid, _shaped(source, shape),
-                              spec.segment_threshold)
-        score = float(probabilities.max()) if probabilities.size else 0.0
-        threshold = spec.segment_threshold
-        row = _row(job, series_uid, lesion_label, score, threshold)
+    analysis = analyse_series(runner, model, plan, job.id)
+    rows = [_row(job, series_uid, label, score, threshold)
+            for label, score, threshold in analysis.scores]
+    if analysis.lesions is not None and analysis.mask is not None:
+        lesions, row = analysis.lesions, rows[0]
         row["positive"] = lesions.count > 0
         row.update(lesion_count=lesions.count, volume_ml=lesions.volume_ml,
                    largest_diameter_mm=lesions.largest_diameter_mm)
@@ -279,9 +295,8 @@ def run_volume_job(settings: Settings, runner: Any, model: Any, job: Job,
             row.update(centroid_x=lesions.centroid[0], centroid_y=lesions.centroid[1],
                        centroid_z=lesions.centroid[2])
         mask_file = mask_path(settings, job.id)
-        save_mask(mask_file, mask, plan.slices)
+        save_mask(mask_file, analysis.mask, plan.slices)
         row["mask_path"] = to_storage(settings, mask_file)
-        rows.append(row)
     write_series_findings(settings, job.id, rows)
     log.info("volume job %s: series of %d slices, %d finding(s)", job.id, len(plan.slices),
              len(rows))
