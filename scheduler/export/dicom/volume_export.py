@@ -58,14 +58,16 @@ def build_volume_objects(settings: Settings, session: Session, job: Job,
     if with_mask:
         saved = np.load(stored_file(settings, with_mask[0][1]))
         uids = [str(u) for u in saved["sop_instance_uids"]]
-        if len(set(uids)) != len(uids):
-            raise LightboxError("SEG of multi-frame sources is not supported yet")
+        # Frame numbers (0: a single-frame instance) of Enhanced multi-frame sources.
+        numbers = [int(n) for n in saved["frames"]] if "frames" in saved else [0] * len(uids)
         missing = [u for u in uids if u not in stored]
         if missing:
             raise LightboxError(f"source instance {missing[0]} of the mask is no longer stored")
-        sources = [pydicom.dcmread(stored[u]) for u in uids]
+        # Headers only: the SEG needs the sources' geometry, not their pixels.
+        sources = [pydicom.dcmread(stored[u], stop_before_pixels=True) for u in dict.fromkeys(uids)]
         seg_uid = generate_uid()
-        seg = build_seg(sources, saved["mask"], [with_mask[0][0]], model,
+        frames = list(zip(uids, numbers, strict=True)) if any(numbers) else None
+        seg = build_seg(sources, saved["mask"], [with_mask[0][0]], model, frames=frames,
                         synthetic=synthetic, sop_instance_uid=seg_uid)
         _save(seg, folder / f"seg-{seg_uid}.dcm")
         built.append(("seg", seg_uid, folder / f"seg-{seg_uid}.dcm"))
