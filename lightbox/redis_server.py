@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from lightbox.errors import ConfigurationError
 from lightbox.settings import Settings
@@ -42,6 +44,15 @@ def embedded_url(settings: Settings) -> str:
     return f"redis+socket://{embedded_socket(settings)}"
 
 
+def _local_client(sock: Path | str, timeout: float | None) -> redis.Redis:
+    """A client for the embedded server's socket that fails at once instead of retrying: the
+    server is on this machine, so a refused connection means "not running" (a socket file left
+    by a killed server), and redis-py's default retries with backoff would spend seconds
+    finding that out at every start and every exit."""
+    return redis.Redis(unix_socket_path=str(sock), socket_timeout=timeout,
+                       retry=Retry(NoBackoff(), 0))
+
+
 def _ping(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
@@ -51,7 +62,7 @@ def _ping(client: redis.Redis) -> bool:
 
 def embedded_redis_running(settings: Settings) -> bool:
     sock = embedded_socket(settings)
-    return sock.exists() and _ping(redis.Redis(unix_socket_path=str(sock), socket_timeout=2))
+    return sock.exists() and _ping(_local_client(sock, timeout=2))
 
 
 @contextmanager
@@ -165,7 +176,7 @@ def stop_embedded_redis(settings: Settings) -> bool:
 
 def _shutdown(settings: Settings) -> bool:
     sock = embedded_socket(settings)
-    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
+    client = _local_client(sock, timeout=5)
     if not (sock.exists() and _ping(client)):
         return False
     pidfile = settings.redis_dir / "redis.pid"
@@ -195,5 +206,5 @@ def broker_url(settings: Settings, start: bool = True) -> str:
 def redis_client(url: str) -> redis.Redis:
     """A plain redis-py client for a Celery-style URL (queue depth, tests)."""
     if url.startswith("redis+socket://"):
-        return redis.Redis(unix_socket_path=url[len("redis+socket://"):].split("?")[0])
+        return _local_client(url[len("redis+socket://"):].split("?")[0], timeout=None)
     return redis.Redis.from_url(url)
