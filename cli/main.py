@@ -150,11 +150,13 @@ def worker(explain_layout: bool) -> None:
 
     settings = get_settings()
     if explain_layout:
+        from worker.gpu_decode import describe
         from worker.layout import gpu_runs_model, node_layout
 
         gpu, reason = gpu_runs_model(settings)
         click.echo(node_layout(settings).explain())
         click.echo(f"GPU detection: {'yes' if gpu else 'no'} ({reason})")
+        click.echo(describe(settings))
         return
     setup_logging(settings)
     ensure_db(settings)

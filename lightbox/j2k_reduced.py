@@ -33,6 +33,11 @@ class CodestreamHeader:
     precision: int  # bits of the first component
     signed: bool
     levels: int  # decomposition levels of the default coding style (COD)
+    # The COD's wavelet (SPcod transformation: 1 = reversible 5/3, 0 = irreversible 9/7) and
+    # whether one tile covers the image; read for the GPU path (lightbox.prepare_plan), which
+    # computes the low-pass band from a full decode.
+    reversible: bool = True
+    single_tile: bool = True
 
 
 def read_header(codestream: bytes) -> CodestreamHeader | None:
@@ -41,14 +46,17 @@ def read_header(codestream: bytes) -> CodestreamHeader | None:
         return None
     try:
         (xsiz, ysiz, xosiz, yosiz) = struct.unpack(">4I", codestream[8:24])
+        (xtsiz, ytsiz, xtosiz, ytosiz) = struct.unpack(">4I", codestream[24:40])
         components = struct.unpack(">H", codestream[40:42])[0]
         ssiz = codestream[42]
         position = 4 + struct.unpack(">H", codestream[4:6])[0]  # SOC, SIZ marker, Lsiz
         levels = None
+        reversible = True
         while position + 4 <= len(codestream):
             marker, length = struct.unpack(">HH", codestream[position : position + 4])
             if marker == 0xFF52:  # COD: Scod, SGcod (4 bytes), then SPcod[0] = levels
                 levels = codestream[position + 9]
+                reversible = codestream[position + 13] == 1
                 break
             if marker == 0xFF90 or marker >> 8 != 0xFF:  # SOT: the main header has ended
                 break
@@ -60,7 +68,8 @@ def read_header(codestream: bytes) -> CodestreamHeader | None:
     return CodestreamHeader(width=xsiz - xosiz, height=ysiz - yosiz, x_offset=xosiz,
                             y_offset=yosiz, components=components,
                             precision=(ssiz & 0x7F) + 1, signed=bool(ssiz & 0x80),
-                            levels=levels)
+                            levels=levels, reversible=reversible,
+                            single_tile=xtosiz + xtsiz >= xsiz and ytosiz + ytsiz >= ysiz)
 
 
 def reduction_for(header: CodestreamHeader, min_height: int, min_width: int) -> int:

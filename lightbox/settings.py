@@ -24,6 +24,7 @@ ENV_PREFIX = "LIGHTBOX_"
 # Variables the test suite reads itself (external servers' URLs); never settings.
 TEST_PREFIX = "LIGHTBOX_TEST_"
 RUNTIMES = ("auto", "onnxruntime", "tensorrt")
+DECODE_DEVICES = ("auto", "cpu")
 TRT_PRECISIONS = ("fp32", "fp16")
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 DESTINATION_KEYS = {"dicom": ("name", "ae_title", "host", "port"), "stow": ("name", "url")}
@@ -123,6 +124,11 @@ class Settings(BaseSettings):
     decode_share_mb: int = Field(
         default=256, description="Prepared tensors kept per worker so that every model a "
         "study is routed to shares one decode per image (0 = no sharing).")
+    decode_device: str = Field(
+        default="auto", description="Where compressed images (JPEG 2000, HTJ2K, JPEG) are "
+        "decoded and prepared: auto = on the GPU where nvImageCodec and CuPy import and a CUDA "
+        "device answers (the gpu-decode extra), else the decode processes; cpu = always the "
+        "decode processes.")
     engine_cache_dir: Path | None = Field(
         default=None, description="TensorRT engine cache; default <data dir>/engines.")
     trt_precision: str = Field(default="fp16", description="TensorRT precision: fp32, fp16.")
@@ -252,6 +258,13 @@ class Settings(BaseSettings):
     def _runtime(cls, value: str) -> str:
         if value not in RUNTIMES:
             raise ValueError(f"{value!r} is not one of {', '.join(RUNTIMES)}")
+        return value
+
+    @field_validator("decode_device")
+    @classmethod
+    def _decode_device(cls, value: str) -> str:
+        if value not in DECODE_DEVICES:
+            raise ValueError(f"{value!r} is not one of {', '.join(DECODE_DEVICES)}")
         return value
 
     @field_validator("trt_precision")

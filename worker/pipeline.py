@@ -33,6 +33,7 @@ from lightbox.errors import PixelDecodeError
 from lightbox.settings import Settings
 from worker.batcher import Batcher, BatchInfo, ImageResult
 from worker.decode_pool import DecodePool, InlineDecoder
+from worker.gpu_decode import make_decoder
 from worker.heartbeat import Heartbeats
 from worker.layout import model_batch_limit, sized_settings
 from worker.model_cache import LoadedModel, ModelCache
@@ -113,7 +114,8 @@ class WorkerPipeline:
                  decoder: DecodePool | InlineDecoder | None = None) -> None:
         settings = sized_settings(settings)
         self.settings, self.cache = settings, cache
-        inner = decoder if decoder is not None else DecodePool(settings.decode_workers)
+        # The GPU (nvImageCodec + CuPy) in front of the decode pool where the node has one.
+        inner = decoder if decoder is not None else make_decoder(settings)
         self.decoder = SharedDecoder(inner, settings.decode_share_mb * 1024 * 1024)
         self.writer = ResultWriter(settings)
         self.heartbeats = Heartbeats(settings)
