@@ -7,8 +7,9 @@ TensorRT version that built it, so every engine file carries both in its name
 module imports on nodes without a GPU, and :func:`tensorrt_available` says why one cannot be
 used instead of raising.
 
-Uses the TensorRT 10 API only: explicit-batch networks (the default in 10), optimization
-profiles for the dynamic batch dimension, ``build_serialized_network``.
+Uses the TensorRT 10 API only: explicit-batch networks (the default in 10), one optimization
+profile whose shapes come from the manifest (:func:`profile_shapes`: N×C×H×W for images,
+N×C×D×H×W for volume models), ``build_serialized_network``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lightbox.errors import EngineBuildError, TensorRTUnavailable
+from lightbox.errors import EngineBuildError, ManifestError, TensorRTUnavailable
+from lightbox.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,51 @@ class GpuIdentity:
         sm = self.compute_capability.replace(".", "")
         version = re.sub(r"[^A-Za-z0-9.]+", "-", self.tensorrt_version)
         return f"{name}_sm{sm}_trt{version}"
+
+
+@dataclass(frozen=True)
+class ProfileShapes:
+    """The input's optimization profile: the smallest, the tuned-for and the largest shape."""
+
+    input_name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"input": self.input_name, "min": list(self.min), "opt": list(self.opt),
+                "max": list(self.max)}
+
+
+def profile_shapes(manifest: Manifest, max_batch: int) -> ProfileShapes:
+    """The profile for ``manifest``'s input with batches of 1..``max_batch`` (the batcher's
+    largest call for this model; 1 when the model has no dynamic batch axis).
+
+    Only the batch varies: images are C×H×W; volume models take C×D×H×W patches of the
+    manifest's ``roi_size`` (sliding window: the worker pads every patch to it; fixed input:
+    the volume is cropped/padded to it), so one profile covers every call and TensorRT can tune
+    its 3-D kernels for that one spatial size. ``opt``: sliding window and images fill whole
+    batches (a series gives many patches, the batcher aims for full batches), so tune for
+    ``max_batch``; a fixed-input volume model gets one input per series and a batch only when
+    several series meet in the batcher, so tune for 1."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+    spec = manifest.input
+    largest = max_batch if spec.dynamic_batch else 1
+    volume = manifest.volume
+    if volume is None:
+        sample: tuple[int, ...] = (spec.channels, spec.height, spec.width)
+        opt = largest
+    else:
+        roi = tuple(int(n) for n in volume.roi_size)
+        declared = (spec.depth if spec.depth is not None else roi[0], spec.height, spec.width)
+        if declared != roi:
+            raise ManifestError(
+                f"model {manifest.name} {manifest.version}: input depth×height×width "
+                f"{declared} differs from volume.roi_size {roi}")
+        sample = (spec.channels, *roi)
+        opt = largest if volume.mode == "sliding_window" else 1
+    return ProfileShapes(spec.name, (1, *sample), (opt, *sample), (largest, *sample))
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -141,15 +188,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def build_engine(
-    onnx_path: Path, engine_path: Path, *, precision: Precision, max_batch: int,
-    input_name: str, input_shape: tuple[int, int, int],
+    onnx_path: Path, engine_path: Path, *, precision: Precision, profile: ProfileShapes,
     calibration_batches: Iterable[np.ndarray] | None = None,
     calibration_cache: Path | None = None,
 ) -> Path:
     """Build a TensorRT engine from ``onnx_path`` and write it to ``engine_path`` atomically.
 
-    The input's batch dimension gets one optimization profile: min 1, opt and max
-    ``max_batch`` (the worker's batcher aims for full batches, so tune for them). ``fp16`` and
+    The input gets one optimization profile, ``profile`` (see :func:`profile_shapes`: images
+    and 3-D volume patches alike, only the batch dimension varying). ``fp16`` and
     ``int8`` are requested only when the GPU has fast kernels for them; ``int8`` needs
     calibration data (or an existing calibration cache).
 
@@ -163,8 +209,8 @@ def build_engine(
             calibration_cache and calibration_cache.is_file()):
         raise ValueError("int8 needs calibration_batches or an existing calibration_cache")
     try:
-        serialized = _serialized_engine(Path(onnx_path), precision, max_batch, input_name,
-                                        input_shape, calibration_batches, calibration_cache)
+        serialized = _serialized_engine(Path(onnx_path), precision, profile,
+                                        calibration_batches, calibration_cache)
         engine_path = Path(engine_path)
         engine_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(engine_path, serialized)
@@ -177,14 +223,14 @@ def build_engine(
         raise EngineBuildError(f"building a TensorRT {precision} engine from "
                                f"{Path(onnx_path).name} failed: "
                                f"{type(exc).__name__}: {exc}") from exc
-    log.info("built TensorRT %s engine %s (max batch %d)", precision, engine_path.name, max_batch)
+    log.info("built TensorRT %s engine %s (input %s: min %s, opt %s, max %s)", precision,
+             engine_path.name, profile.input_name, profile.min, profile.opt, profile.max)
     return engine_path
 
 
 def _serialized_engine(
-    onnx_path: Path, precision: Precision, max_batch: int, input_name: str,
-    input_shape: tuple[int, int, int], calibration_batches: Iterable[np.ndarray] | None,
-    calibration_cache: Path | None,
+    onnx_path: Path, precision: Precision, profile: ProfileShapes,
+    calibration_batches: Iterable[np.ndarray] | None, calibration_cache: Path | None,
 ) -> bytes:
     """Parse, configure and build; the bytes of the serialized engine."""
     import tensorrt as trt
@@ -198,18 +244,16 @@ def _serialized_engine(
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    profile = builder.create_optimization_profile()
-    channels, height, width = input_shape
-    profile.set_shape(input_name, (1, channels, height, width),
-                      (max_batch, channels, height, width), (max_batch, channels, height, width))
-    config.add_optimization_profile(profile)
+    shapes = builder.create_optimization_profile()
+    shapes.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(shapes)
     if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = _calibrator(calibration_batches or [], calibration_cache,
-                                             input_name)
-        config.set_calibration_profile(profile)
+                                             profile.input_name)
+        config.set_calibration_profile(shapes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:  # the builder's reason went to the TensorRT logger (WARNING+)
         raise EngineBuildError(f"TensorRT returned no engine for {onnx_path.name} "

@@ -286,29 +286,47 @@ def plan_files(paths: Iterable[Path | str], spacing_tolerance: float = SPACING_T
     return plan_volume(refs, spacing_tolerance)
 
 
+# Frames of one multi-frame file decoded per task: an Enhanced CT/MR series may be a single file
+# of hundreds of frames, which must not be decoded (nor sent back from a decode process, nor
+# turned into float32) all at once beside the volume they go into.
+FRAMES_PER_TASK = 16
+
+
+def decode_groups(plan: VolumePlan, frames_per_task: int = FRAMES_PER_TASK) -> list[list[int]]:
+    """Plan indices grouped into decode tasks: a single-frame file alone, a multi-frame file's
+    slices in runs of at most ``frames_per_task`` (each file still read once per run)."""
+    by_file: dict[str, list[int]] = {}
+    for index, ref in enumerate(plan.slices):
+        by_file.setdefault(ref.path, []).append(index)
+    step = max(1, frames_per_task)
+    return [indices[start:start + step] for indices in by_file.values()
+            for start in range(0, len(indices), step)]
+
+
 def decode_frames(path: Path | str, frames: Sequence[int | None]) -> list[np.ndarray]:
-    """Stored values of the given frames of one file (``None``: a single-frame instance)."""
+    """Stored values of the given frames of one file (``None``: a single-frame instance). A
+    multi-frame file is read frame by frame (pydicom's ``iter_pixels`` on the path), only the
+    frames asked for, never its whole pixel array."""
     ds = read_dataset(path)
     uid = str(ds.get("SOPInstanceUID", "?"))
     try:
         if len(frames) == 1 and frames[0] is None:
             from lightbox.pixels import decode_frame
             return [decode_frame(ds)]
-        array = ds.pixel_array
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        wanted = sorted({(frame or 1) - 1 for frame in frames})
+        if wanted[-1] >= count:
+            raise PixelDecodeError(f"instance {uid} has no frame {wanted[-1] + 1}")
+        from pydicom.pixels import iter_pixels
+
+        decoded = {index: np.array(array, copy=True) for index, array in
+                   zip(wanted, iter_pixels(str(path), indices=wanted), strict=True)}
     except PixelDecodeError:
         raise
     except Exception as exc:  # pydicom and its plugins raise many types for broken data
         raise PixelDecodeError(f"cannot decode pixels of instance {uid}: "
                                f"{type(exc).__name__}") from exc
-    if array.ndim == 2:
-        array = array[np.newaxis]
-    out = []
-    for frame in frames:
-        index = (frame or 1) - 1
-        if index >= array.shape[0]:
-            raise PixelDecodeError(f"instance {uid} has no frame {index + 1}")
-        out.append(array[index])
-    return out
+    return [decoded[(frame or 1) - 1] for frame in frames]
 
 
 def decode_slice(ref: SliceRef) -> np.ndarray:
@@ -329,14 +347,12 @@ def decode_file_slices(refs: Sequence[SliceRef]) -> list[np.ndarray]:
 
 
 def stack(plan: VolumePlan, slices: Sequence[np.ndarray] | None = None) -> Volume:
-    """The volume of ``plan``; ``slices`` are its decoded slices in plan order (decoded here,
-    each file once, when not given). Memory: the float32 volume, filled in place."""
+    """The volume of ``plan``; ``slices`` are its decoded slices in plan order (decoded here
+    by :func:`decode_groups`, when not given). Memory: the float32 volume, filled in place,
+    plus one decode task's slices."""
     array = np.empty(plan.shape, dtype=np.float32)
     if slices is None:
-        by_file: dict[str, list[int]] = {}
-        for index, ref in enumerate(plan.slices):
-            by_file.setdefault(ref.path, []).append(index)
-        for indices in by_file.values():
+        for indices in decode_groups(plan):
             decoded = decode_file_slices([plan.slices[i] for i in indices])
             for index, values in zip(indices, decoded, strict=True):
                 array[index] = values

@@ -128,12 +128,49 @@ def test_tensorrt_branch_wiring_with_a_stand_in_gpu(
     monkeypatch.setattr(trt_engine, "build_engine", fake_build)
     report = compile_bundle(settings, bundle, max_batch=8, calibration_images=24)
     assert report.tensorrt_available
-    assert [(c["precision"], c["max_batch"], c["input_shape"], c["batches"]) for c in calls] == [
-        ("fp16", 8, (1, 64, 64), 0), ("int8", 8, (1, 64, 64), 24)]
+    profile = trt_engine.ProfileShapes("image", (1, 1, 64, 64), (8, 1, 64, 64), (8, 1, 64, 64))
+    assert [(c["precision"], c["profile"], c["batches"]) for c in calls] == [
+        ("fp16", profile, 0), ("int8", profile, 24)]
     manifest = load_manifest(bundle, verify=True)
     fp16 = "engine_fp16_NVIDIA-H200_sm90_trt10.3.0.plan"
     assert {fp16, "engine_int8_NVIDIA-H200_sm90_trt10.3.0.plan",
             "calibration.cache"} <= set(manifest.files)
     assert manifest.engines[fp16] == {
         "precision": "fp16", "gpu_name": "NVIDIA H200", "compute_capability": "9.0",
-        "tensorrt_version": "10.3.0", "max_batch": 8, "min_batch": 1}
+        "tensorrt_version": "10.3.0", "max_batch": 8, "min_batch": 1,
+        "profile": profile.as_dict()}
+
+
+def test_volume_bundle_engines_get_a_3d_profile_with_a_stand_in_gpu(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3-D sliding-window bundle: compile hands the engine builder an N×1×D×H×W profile from
+    the manifest's roi_size and calibration volumes of that shape (SYNTHETIC phantoms on the
+    model grid), records the profile, and builds no ONNX Runtime INT8 model (it says why)."""
+    from lightbox import trt_engine
+    from tests.volume_helpers import ROI, oracle_bundle
+
+    bundle = oracle_bundle(tmp_path / "bundle")
+    identity = trt_engine.GpuIdentity("NVIDIA H200", "9.0", "10.3.0")
+    calls: list[dict[str, object]] = []
+
+    def fake_build(onnx_path: Path, engine_path: Path, **kwargs: object) -> Path:
+        batches = list(kwargs.pop("calibration_batches") or [])
+        assert all(b.dtype == np.float32 and b.shape[1:] == (1, *ROI) for b in batches)
+        assert all(0.0 <= b.min() and b.max() <= 1.0 for b in batches)  # windowed like training
+        calls.append({**kwargs, "batches": sum(len(b) for b in batches)})
+        engine_path.write_bytes(b"engine " + str(kwargs["precision"]).encode())
+        return engine_path
+
+    monkeypatch.setattr(trt_engine, "tensorrt_available", lambda: (True, "ok"))
+    monkeypatch.setattr(trt_engine, "current_identity", lambda device=0: identity)
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    report = compile_bundle(settings, bundle, max_batch=4, calibration_images=6)
+    profile = trt_engine.ProfileShapes("image", (1, 1, *ROI), (4, 1, *ROI), (4, 1, *ROI))
+    assert [(c["precision"], c["profile"], c["batches"]) for c in calls] == [
+        ("fp16", profile, 0), ("int8", profile, 6)]
+    assert "skipped" in report.int8 and not (bundle / INT8_FILE).exists()
+    manifest = load_manifest(bundle, verify=True)
+    engine = manifest.engines["engine_fp16_NVIDIA-H200_sm90_trt10.3.0.plan"]
+    assert engine["profile"] == {"input": "image", "min": [1, 1, *ROI], "opt": [4, 1, *ROI],
+                                 "max": [4, 1, *ROI]}

@@ -13,6 +13,7 @@ from lightbox.manifest import Manifest, write_bundle_manifest
 from lightbox.settings import Settings
 from lightbox.trt_engine import (
     GpuIdentity,
+    ProfileShapes,
     current_identity,
     engine_filename,
     tensorrt_available,
@@ -69,8 +70,8 @@ def test_builds_when_missing_then_reuses(tmp_path: Path) -> None:
     first = cache.engine_for(bundle, manifest, precision="fp16", max_batch=32)
     assert cache.last_action == "built" and len(builder.calls) == 1
     assert first.name == engine_filename("fp16", H200)
-    assert builder.calls[0][1] == {"precision": "fp16", "max_batch": 32, "input_name": "image",
-                                   "input_shape": (1, 64, 64)}
+    assert builder.calls[0][1] == {"precision": "fp16", "profile": ProfileShapes(
+        "image", (1, 1, 64, 64), (32, 1, 64, 64), (32, 1, 64, 64))}
     assert not (bundle / first.name).exists()  # never written into the verified bundle
     again = cache.engine_for(bundle, manifest, precision="fp16", max_batch=32)
     assert again == first and cache.last_action == "reused" and len(builder.calls) == 1

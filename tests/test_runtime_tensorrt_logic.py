@@ -3,11 +3,13 @@ modules — mocks are for the GPU only): lazy CUDA context in the thread that in
 tensor-name API, page-locked staging buffers, chunking above the profile's max batch, a
 rebuild when an engine does not deserialize, and ``load_runtime`` when the stand-in's builder
 cannot build an engine: ONNX Runtime for that model under ``auto``, a clear error under an
-explicit ``tensorrt``. The real TensorRT calls are exercised in tests/test_runtime_tensorrt.py
+explicit ``tensorrt``; the optimisation profile derived from the manifest (N×C×H×W images,
+N×C×D×H×W volume patches, batches up to the batcher's limit). The real TensorRT calls are exercised in tests/test_runtime_tensorrt.py
 where TensorRT imports."""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import types
@@ -19,9 +21,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from lightbox.errors import EngineBuildError
-from lightbox.manifest import Manifest, write_bundle_manifest
+from lightbox.errors import EngineBuildError, ManifestError
+from lightbox.manifest import (
+    InputSpec,
+    Manifest,
+    PreprocessSpec,
+    VolumeSpec,
+    write_bundle_manifest,
+)
 from lightbox.settings import Settings
+from lightbox.trt_engine import ProfileShapes, profile_shapes
+from worker.layout import model_batch_limit
 from worker.model_cache import ModelCache
 from worker.runtime import load_runtime
 from worker.runtime_onnx import OnnxRuntime
@@ -51,6 +61,7 @@ class FakeGpu:
         # fails), "no engine" (build_serialized_network returns None), or an exception to raise.
         self.build: object = "ok"
         self.builds = 0
+        self.profiles: list[tuple[Any, ...]] = []  # set_shape(name, min, opt, max) calls
 
     def is_pinned(self, array: np.ndarray) -> bool:
         base = array
@@ -183,7 +194,7 @@ class FakeGpu:
                                              set_flag=lambda flag: None)
 
             def create_optimization_profile(self) -> Any:
-                return types.SimpleNamespace(set_shape=lambda *a: None)
+                return types.SimpleNamespace(set_shape=lambda *a: gpu.profiles.append(a))
 
             def build_serialized_network(self, network: Any, config: Any) -> bytes | None:
                 gpu.builds += 1
@@ -399,3 +410,80 @@ def test_worker_row_reports_a_model_that_fell_back(gpu: FakeGpu, tmp_path: Path)
     loaded = cache.get(1, str(_bundle(tmp_path / "bundle")))
     assert loaded.runtime.name == "onnxruntime"
     assert cache.runtime_report() == "tensorrt+onnxruntime"
+
+
+def _volume_manifest(mode: str = "sliding_window", roi: tuple[int, int, int] = (16, 32, 48),
+                     dynamic_batch: bool = True, declared: tuple[int, int, int] | None = None
+                     ) -> Manifest:
+    depth, height, width = declared or roi
+    return Manifest(
+        name="ct-lesion", version="1", architecture="t",
+        input=InputSpec(channels=1, depth=depth, height=height, width=width,
+                        dynamic_batch=dynamic_batch),
+        preprocessing=PreprocessSpec(), labels=["lesion"], thresholds={"lesion": 0.5},
+        volume=VolumeSpec(spacing=(1.5, 1.5, 1.5), window_center=40, window_width=400,
+                          mode=mode, roi_size=roi))  # type: ignore[arg-type]
+
+
+def test_profile_of_an_image_model_varies_only_the_batch() -> None:
+    manifest = Manifest(name="chest", version="3", architecture="t",
+                        input={"channels": 3, "height": 224, "width": 200}, preprocessing={},
+                        labels=["p"], thresholds={"p": 0.5})
+    assert profile_shapes(manifest, 16) == ProfileShapes(
+        "image", (1, 3, 224, 200), (16, 3, 224, 200), (16, 3, 224, 200))
+
+
+@pytest.mark.parametrize("mode, opt", [("sliding_window", 8), ("fixed", 1)])
+def test_profile_of_a_volume_model_is_ncdhw_from_the_roi(mode: str, opt: int) -> None:
+    """Sliding window: many patches per series fill batches (tuned for the full batch); fixed
+    input: one tensor per series, batches only when series meet (tuned for 1)."""
+    profile = profile_shapes(_volume_manifest(mode), 8)
+    assert profile.min == (1, 1, 16, 32, 48)
+    assert profile.opt == (opt, 1, 16, 32, 48)
+    assert profile.max == (8, 1, 16, 32, 48)
+
+
+def test_profile_without_a_dynamic_batch_axis_is_batch_1() -> None:
+    profile = profile_shapes(_volume_manifest(dynamic_batch=False), 8)
+    assert profile.min == profile.opt == profile.max == (1, 1, 16, 32, 48)
+
+
+def test_profile_refuses_an_input_that_disagrees_with_the_roi() -> None:
+    with pytest.raises(ManifestError, match=r"differs from volume.roi_size \(8, 32, 48\)"):
+        profile_shapes(_volume_manifest(roi=(8, 32, 48), declared=(16, 32, 48)), 4)
+    with pytest.raises(ValueError, match="max_batch"):
+        profile_shapes(_volume_manifest(), 0)
+
+
+def test_volume_engine_is_built_with_a_3d_profile_at_the_batchers_limit(
+        gpu: FakeGpu, tmp_path: Path) -> None:
+    """The worker builds a volume model's engine with the N×C×D×H×W profile, its batch range
+    the batcher's limit for that model (3-D patches are capped by input bytes)."""
+    from tests.volume_helpers import ROI, oracle_bundle
+
+    bundle = oracle_bundle(tmp_path / "bundle")
+    runtime = load_runtime("tensorrt", bundle, _settings(tmp_path, "tensorrt"))
+    assert isinstance(runtime, TensorRTRuntime) and gpu.builds == 1
+    assert gpu.profiles == [("image", (1, 1, *ROI), (8, 1, *ROI), (8, 1, *ROI))]
+    big = _volume_manifest(roi=(128, 128, 128))
+    limit = model_batch_limit(big, 32)
+    assert limit == 8  # 64 MiB of float32 input ÷ 8 MiB per 128³ patch
+    assert profile_shapes(big, limit).max == (8, 1, 128, 128, 128)
+
+
+def test_engine_cache_rebuilds_when_the_profile_changes(gpu: FakeGpu, tmp_path: Path) -> None:
+    """An engine built for other shapes (e.g. the 4-D profile an older build gave a volume
+    model) is rebuilt, not reused: the profile is in the engine's record."""
+    from tests.volume_helpers import oracle_bundle
+
+    bundle = oracle_bundle(tmp_path / "bundle")
+    settings = _settings(tmp_path, "tensorrt")
+    load_runtime("tensorrt", bundle, settings)
+    [sidecar] = list((tmp_path / "data" / "engines").rglob("*.json"))
+    record = json.loads(sidecar.read_text())
+    assert record["profile"]["max"] == [8, 1, 8, 24, 24]
+    record["profile"] = {"input": "image", "min": [1, 1, 24, 24], "opt": [8, 1, 24, 24],
+                         "max": [8, 1, 24, 24]}
+    sidecar.write_text(json.dumps(record))
+    load_runtime("tensorrt", bundle, settings)
+    assert gpu.builds == 2 and len(gpu.profiles) == 2

@@ -89,3 +89,62 @@ def test_peak_memory_is_the_volume_plus_a_bounded_margin(tmp_path: Path) -> None
     assert result["lesions_found"] >= 1  # the path ran to the end, not a short cut
     assert result["peak_above_baseline_mib"] >= volume_mib  # the volume itself was there
     assert result["peak_above_baseline_mib"] <= volume_mib + MARGIN_MIB, result
+
+
+def _enhanced_ct(path: Path, frames: int) -> np.ndarray:
+    """An Enhanced CT of ``frames`` frames 2.5 mm apart, built from pydicom-data's
+    eCT_Supplemental (each frame its stored values + its number, so frames differ); returns
+    the stored frames in file order."""
+    import copy
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.sequence import Sequence
+
+    source = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    base = source.pixel_array
+    stored = np.stack([base[k % 2] + k for k in range(frames)]).astype(np.uint16)
+    groups = []
+    for k in range(frames):
+        group = copy.deepcopy(source.PerFrameFunctionalGroupsSequence[k % 2])
+        group.PlanePositionSequence[0].ImagePositionPatient = [99.5, -301.5, -159.0 + 2.5 * k]
+        groups.append(group)
+    source.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    source.NumberOfFrames = frames
+    source.PixelData = stored.tobytes()
+    source.save_as(path)
+    return stored
+
+
+class _Recorder:
+    """A decode pool stand-in that runs each call here and records its size."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def submit_call(self, fn, refs):  # type: ignore[no-untyped-def]
+        from concurrent.futures import Future
+
+        self.sizes.append(len(refs))
+        future: Future[object] = Future()
+        future.set_result(fn(refs))
+        return future
+
+
+def test_enhanced_frames_are_decoded_in_bounded_runs(tmp_path: Path) -> None:
+    """A one-file Enhanced series is decoded FRAMES_PER_TASK frames per task, never its whole
+    pixel array at once, with the same values as each frame's stored value × slope + intercept."""
+    from lightbox.volume import FRAMES_PER_TASK, load_series, plan_files
+    from worker.volume_job import decode_volume
+
+    frames = 2 * FRAMES_PER_TASK + 5
+    stored = _enhanced_ct(tmp_path / "enhanced.dcm", frames)
+    plan = plan_files([tmp_path / "enhanced.dcm"])
+    recorder = _Recorder()
+    volume = decode_volume(plan, recorder)
+    assert recorder.sizes == [FRAMES_PER_TASK, FRAMES_PER_TASK, 5]
+    transform = plan.slices[0]
+    expected = stored[[ref.frame - 1 for ref in plan.slices if ref.frame]] * transform.slope \
+        + transform.intercept
+    np.testing.assert_allclose(volume.array, expected)
+    np.testing.assert_array_equal(load_series([tmp_path / "enhanced.dcm"]).array, volume.array)

@@ -141,26 +141,27 @@ def quantize_int8(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
 def build_engines(bundle_dir: Path, manifest: Manifest, calibration: np.ndarray,
                   max_batch: int) -> dict[str, dict[str, object]]:
     """FP16 and INT8 TensorRT engines for this node's GPU (raises TensorRTUnavailable or
-    EngineBuildError)."""
+    EngineBuildError), with the profile the manifest implies (:func:`lightbox.trt_engine.
+    profile_shapes`: N×C×D×H×W patches for volume models)."""
     from lightbox import trt_engine
 
     identity = trt_engine.current_identity()
-    spec = manifest.input
+    profile = trt_engine.profile_shapes(manifest, max_batch)
+    largest = profile.max[0]
     engines: dict[str, dict[str, object]] = {}
     for precision in ENGINE_PRECISIONS:
         path = bundle_dir / trt_engine.engine_filename(precision, identity)
         trt_engine.build_engine(
             bundle_dir / MODEL_FILE, path, precision=precision,  # type: ignore[arg-type]
-            max_batch=max_batch, input_name=spec.name,
-            input_shape=(spec.channels, spec.height, spec.width),
-            calibration_batches=_batches(calibration, max_batch) if precision == "int8" else None,
+            profile=profile,
+            calibration_batches=_batches(calibration, largest) if precision == "int8" else None,
             calibration_cache=bundle_dir / CALIBRATION_CACHE if precision == "int8" else None,
         )
         engines[path.name] = {
             "precision": precision, "gpu_name": identity.gpu_name,
             "compute_capability": identity.compute_capability,
-            "tensorrt_version": identity.tensorrt_version, "max_batch": max_batch,
-            "min_batch": 1,
+            "tensorrt_version": identity.tensorrt_version, "max_batch": largest,
+            "min_batch": 1, "profile": profile.as_dict(),
             **({"calibration_cache": CALIBRATION_CACHE,
                 "calibration_images": int(len(calibration))} if precision == "int8" else {}),
         }
@@ -186,6 +187,9 @@ def compile_bundle(
             "compile, the worker runs its model.onnx with ONNX Runtime as it is")
     if manifest.input.channels < 1 or calibration_images < 1:
         raise ManifestError("nothing to calibrate with")
+    if manifest.volume is not None:
+        return _compile_volume(settings, bundle_dir, manifest, max_batch, calibration_images,
+                               tensorrt, progress)
     progress("reading calibration images", 0, 1)
     calibration, validation = calibration_and_validation(settings, manifest, calibration_images)
     progress("ONNX Runtime INT8", 0, 1)
@@ -204,6 +208,39 @@ def compile_bundle(
         "variants": {**manifest.variants, "onnx_int8": int8},
         "engines": {**manifest.engines, **engines}, "metrics": metrics}))
     _refresh_registry(settings, bundle_dir)
+    return CompileReport(bundle_dir, int8, ok, reason, engines)
+
+
+def _compile_volume(settings: Settings, bundle_dir: Path, manifest: Manifest, max_batch: int,
+                    calibration_images: int, tensorrt: bool, progress: Progress
+                    ) -> CompileReport:
+    """A volume bundle: TensorRT FP16/INT8 engines with an N×C×D×H×W profile, calibrated on
+    SYNTHETIC phantoms put on the model grid the way training did. No ONNX Runtime INT8 model:
+    its check is a validation AUROC over labelled images, which a segmentation network's
+    voxel maps do not have; the worker runs such bundles' ``model.onnx`` on ONNX Runtime."""
+    from lightbox.trt_engine import tensorrt_available
+    from trainer.volume_train import synthetic_volumes
+
+    spec = manifest.volume
+    assert spec is not None
+    if not manifest.training_data.get("synthetic"):
+        raise ConfigurationError(
+            f"{manifest.name} {manifest.version}: volume bundles are calibrated on the "
+            "synthetic phantoms they were trained on; this one records other training data")
+    int8: dict[str, Any] = {"skipped": "volume model: ONNX Runtime INT8 has no validation "
+                                       "set to check it against"}
+    ok, reason = tensorrt_available() if tensorrt else (False, "TensorRT not requested")
+    engines: dict[str, dict[str, object]] = {}
+    if ok:
+        progress("calibration volumes", 0, 1)
+        seed = int(manifest.training_data.get("seed", 0))  # type: ignore[call-overload]
+        calibration = synthetic_volumes(calibration_images, seed + 1, spec)[0]
+        progress("TensorRT engines", 0, 1)
+        engines = build_engines(bundle_dir, manifest, calibration, max_batch)
+        progress("TensorRT engines", 1, 1)
+        write_bundle_manifest(bundle_dir, manifest.model_copy(update={
+            "engines": {**manifest.engines, **engines}}))
+        _refresh_registry(settings, bundle_dir)
     return CompileReport(bundle_dir, int8, ok, reason, engines)
 
 

@@ -93,14 +93,16 @@ def volume_spec(kind: Kind) -> VolumeSpec:
 
 def synthetic_volumes(count: int, seed: int, spec: VolumeSpec, lesion_fraction: float = 0.5
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``count`` phantoms on the model grid through :func:`model_grid`: inputs (N, 1, *ROI),
-    masks (N, 1, *ROI) and labels (N,) (1 = a lesion is present)."""
-    inputs = np.empty((count, 1, *ROI), np.float32)
-    masks = np.empty((count, 1, *ROI), np.float32)
+    """``count`` phantoms of the spec's ``roi_size`` on the model grid through
+    :func:`model_grid`: inputs (N, 1, *roi), masks (N, 1, *roi) and labels (N,) (1 = a lesion
+    is present). Also the calibration inputs of ``lightbox compile`` for volume bundles."""
+    roi = tuple(spec.roi_size)
+    inputs = np.empty((count, 1, *roi), np.float32)
+    masks = np.empty((count, 1, *roi), np.float32)
     labels = np.zeros(count, np.float32)
     for index in range(count):
         lesions = int(index < round(count * lesion_fraction))
-        phantom = make_phantom(ROI, lesions=lesions, seed=seed * 100_003 + index,
+        phantom = make_phantom(roi, lesions=lesions, seed=seed * 100_003 + index,
                                lesion_radius=(2.0, 4.0))
         volume = Volume(array=phantom.hu, origin=(0.0, 0.0, 0.0), spacing=spec.spacing,
                         direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from lightbox.manifest import Manifest
-from lightbox.trt_engine import GpuIdentity, build_engine, current_identity, engine_filename
+from lightbox.trt_engine import (
+    GpuIdentity,
+    build_engine,
+    current_identity,
+    engine_filename,
+    profile_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,9 @@ class EngineCache:
     @staticmethod
     def _meta(identity: GpuIdentity, manifest: Manifest, precision: str,
               max_batch: int) -> dict[str, Any]:
+        # The profile is part of what an engine is: one built for other shapes is rebuilt.
         return {**asdict(identity), "precision": precision, "max_batch": max_batch,
+                "profile": profile_shapes(manifest, max_batch).as_dict(),
                 "onnx_sha256": manifest.files.get("model.onnx"), "model": manifest.name,
                 "version": manifest.version}
 
@@ -94,11 +102,8 @@ class EngineCache:
                 log.info("building TensorRT engine %s for %s %s (cached for other GPUs or "
                          "versions: %s)", engine.name, manifest.name, manifest.version,
                          others or "none")
-                self._builder(Path(bundle_dir) / "model.onnx", engine,
-                              precision=precision, max_batch=max_batch,
-                              input_name=manifest.input.name,
-                              input_shape=(manifest.input.channels, manifest.input.height,
-                                           manifest.input.width))
+                self._builder(Path(bundle_dir) / "model.onnx", engine, precision=precision,
+                              profile=profile_shapes(manifest, max_batch))
                 self.last_action = "built"
             sidecar_tmp = engine.with_name(f".{engine.stem}.json.tmp")
             sidecar_tmp.write_text(json.dumps(meta, indent=2))

@@ -97,11 +97,14 @@ def _onnx_runtime(bundle_dir: Path, settings: Settings) -> ModelRuntime:
 def _tensorrt_runtime(bundle_dir: Path, settings: Settings) -> ModelRuntime:
     from lightbox.manifest import load_manifest
     from worker.engine_cache import EngineCache
+    from worker.layout import model_batch_limit
     from worker.runtime_tensorrt import ENGINE_FAILURES, TensorRTRuntime
 
     manifest = load_manifest(bundle_dir, verify=False)  # verified by the model cache
     cache = EngineCache(engine_cache_dir(settings))
-    max_batch = settings.batch_max_size
+    # The batcher's largest call for this model (3-D patches are capped by input bytes): the
+    # engine's profile is built for exactly that batch range.
+    max_batch = model_batch_limit(manifest, settings.batch_max_size)
     automatic = settings.runtime == "auto"
 
     def engine(rebuild: bool = False) -> Path:

@@ -7,8 +7,10 @@
   ``threads``). That thread retains the device's primary context and keeps it current, so all
   CUDA work happens in one thread of one process.
 - The engine is deserialized once per process (the model cache keeps this object).
-- Page-locked host buffers (``pagelocked_empty``) sized for the profile's max batch, device
-  buffers bound once, asynchronous copies and the launch on one stream, one synchronize.
+- Page-locked host buffers (``pagelocked_empty``) sized for the profile's max shape (N×C×H×W
+  images or N×C×D×H×W volume patches: the profile from :func:`lightbox.trt_engine.
+  profile_shapes` varies only the batch), device buffers bound once, asynchronous copies and
+  the launch on one stream, one synchronize.
 - An engine that does not deserialize (built for another GPU/TensorRT despite its name, or
   truncated) is rebuilt once through the engine cache instead of failing the job.
 - If that still gives no engine (the rebuild fails too), ``fallback`` — given only when the

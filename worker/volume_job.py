@@ -38,7 +38,14 @@ from lightbox.errors import PixelDecodeError, VolumeGeometryError
 from lightbox.manifest import Manifest, VolumeSpec
 from lightbox.roots import stored_file, to_storage
 from lightbox.settings import Settings
-from lightbox.volume import SliceRef, Volume, VolumePlan, decode_file_slices, plan_files
+from lightbox.volume import (
+    SliceRef,
+    Volume,
+    VolumePlan,
+    decode_file_slices,
+    decode_groups,
+    plan_files,
+)
 from lightbox.volume_input import Stitcher, crop_or_pad, iter_patches, model_grid
 
 log = logging.getLogger(__name__)
@@ -88,13 +95,11 @@ def series_paths(settings: Settings, session: Any, job: Job) -> tuple[str, list[
 
 
 def decode_volume(plan: VolumePlan, decoder: Any, in_flight: int = 8) -> Volume:
-    """Decode the plan's files in the decode pool (one task per file, ``in_flight`` at a time,
-    in parallel), each result copied into one float32 array as it arrives and then dropped, so
+    """Decode the plan's files in the decode pool (one task per file, or per run of
+    :data:`~lightbox.volume.FRAMES_PER_TASK` frames of a multi-frame file; ``in_flight`` at a
+    time, in parallel), each result copied into one float32 array as it arrives and then dropped, so
     decoded slices never pile up beside the volume; a corrupt slice fails the job naming its
     instance."""
-    by_file: dict[str, list[int]] = {}
-    for index, ref in enumerate(plan.slices):
-        by_file.setdefault(ref.path, []).append(index)
     array = np.empty(plan.shape, dtype=np.float32)
     pending: deque[tuple[list[int], Future[list[np.ndarray]]]] = deque()
 
@@ -104,7 +109,7 @@ def decode_volume(plan: VolumePlan, decoder: Any, in_flight: int = 8) -> Volume:
             array[index] = values
 
     try:
-        for indices in by_file.values():
+        for indices in decode_groups(plan):
             refs = [plan.slices[i] for i in indices]
             pending.append((indices, decoder.submit_call(decode_file_slices, refs)))
             while len(pending) >= in_flight:

@@ -274,15 +274,19 @@ def compile_command(bundle: Path, max_batch: int, calibration_images: int) -> No
     except LightboxError as exc:
         raise click.ClickException(str(exc)) from exc
     int8 = result.int8
-    console.print(f"ONNX Runtime INT8: {bundle / str(int8['file'])} (validation AUROC "
-                  f"{float(int8['auroc_fp32']):.4f} → {float(int8['auroc_int8']):.4f}, "
-                  f"accuracy change {float(int8['accuracy_change']):+.4f})", soft_wrap=True)
+    if "skipped" in int8:
+        console.print(f"ONNX Runtime INT8: not built ({int8['skipped']})", soft_wrap=True)
+    else:
+        console.print(f"ONNX Runtime INT8: {bundle / str(int8['file'])} (validation AUROC "
+                      f"{float(int8['auroc_fp32']):.4f} → {float(int8['auroc_int8']):.4f}, "
+                      f"accuracy change {float(int8['accuracy_change']):+.4f})", soft_wrap=True)
     for name, engine in result.engines.items():
         console.print(f"TensorRT {engine['precision']}: {bundle / name}", soft_wrap=True)
     if not result.tensorrt_available:
+        built = ("nothing else was built" if "skipped" in int8 else
+                 "the ONNX Runtime INT8 model was built and added to the manifest")
         console.print(f"[red]TensorRT unavailable[/red]: {result.tensorrt_reason}. No engines "
-                      "were built; the ONNX Runtime INT8 model was built and added to the "
-                      "manifest.", soft_wrap=True)
+                      f"were built; {built}.", soft_wrap=True)
         sys.exit(3)
 
 
