@@ -118,13 +118,15 @@ ENHANCED = [
 
 
 def _enhanced_job(tmp_path: Path, template: str, instances: int, syntax: str,
-                  pacs: dict[str, object]) -> tuple[Settings, Phantom, list[Path]]:
-    """An Enhanced series of a one-lesion phantom ingested, routed and run by the real worker
-    path; the outbox built for destination ``pacs``."""
+                  pacs: dict[str, object], lesions: int = 1
+                  ) -> tuple[Settings, Phantom, list[Path]]:
+    """An Enhanced series of a phantom ingested, routed and run by the real worker path; the
+    outbox built for destination ``pacs`` (a SEG and an SR; the SR alone without lesions)."""
     settings = Settings(data_dir=tmp_path / "data", quiet_seconds=0)
     upgrade(settings.sqlalchemy_url)
     register(settings, oracle_bundle(tmp_path / "bundle"))
-    phantom = make_phantom((12, 32, 32), lesions=1, seed=4, noise=3.0, lesion_radius=(3, 4))
+    phantom = make_phantom((12, 32, 32), lesions=lesions, seed=4, noise=3.0,
+                           lesion_radius=(3, 4))
     paths = write_enhanced_series(np.round(phantom.hu), tmp_path / "in" / "mf", template,
                                   spacing=SPACING, origin=ORIGIN, instances=instances,
                                   transfer_syntax=syntax)
@@ -134,7 +136,7 @@ def _enhanced_job(tmp_path: Path, template: str, instances: int, syntax: str,
     assert run_job(settings, ModelCache(settings, "onnxruntime"), job) == "succeeded"
     settings = settings.model_copy(update={"rules_file": rules_file,
                                            "export_destinations": [pacs]})
-    assert build_pass(settings) == 2
+    assert build_pass(settings) == (2 if lesions else 1)
     return settings, phantom, paths
 
 
@@ -204,6 +206,25 @@ def test_enhanced_sources_seg_references_frames_by_geometry(
                 for series in study.ReferencedSeriesSequence
                 for ref in series.ReferencedSOPSequence}
     assert evidence == {str(ds.SOPInstanceUID) for ds in sources} | {str(seg.SOPInstanceUID)}
+
+
+def test_enhanced_sources_without_lesion_get_an_sr_only(tmp_path: Path) -> None:
+    require("dciodvfy")
+    nowhere = {"name": "pacs", "type": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1",
+               "port": 9}
+    settings, _, paths = _enhanced_job(tmp_path, "emri_small.dcm", 2, ExplicitVRLittleEndian,
+                                       nowhere, lesions=0)
+    built = _built(settings)
+    assert set(built) == {"sr"}
+    assert dciodvfy_errors(built["sr"]) == []
+    sr = pydicom.dcmread(built["sr"])
+    evidence = {str(ref.ReferencedSOPInstanceUID)
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+    assert evidence and evidence <= sources
+    assert "2667000" in str(sr.ContentSequence)  # Absent
 
 
 @pytest.mark.slow
