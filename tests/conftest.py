@@ -17,6 +17,7 @@ command deselects them and ``.ci/run`` runs them after it.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -286,24 +287,51 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+class _CurrentStderr(logging.Handler):
+    """Log lines to whatever ``sys.stderr`` is when they are emitted (click's runner swaps it),
+    in the order a process would write them beside the command's own error lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def run_cli(env: dict[str, str], *args: str, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
     """``lightbox ARGS`` run in this process (click's runner) with ``env`` as its environment:
-    the result of ``subprocess.run([... "-m", "cli.main", *args], env=env, text=True,
-    capture_output=True)`` without a new interpreter importing everything again. For commands
-    that return (status, results, jobs, models, ingest); long-running ones need a process."""
+    the result of ``subprocess.run([... "-m", "cli.main", *args], env=env, cwd=cwd, text=True,
+    capture_output=True)`` without a new interpreter importing everything again. Its log lines
+    reach its stderr as in a process (the command's own logging set-up is a no-op under pytest,
+    whose handlers the root logger already has), and the umask and the working folder it sets
+    are restored. For commands that return (status, results, jobs, models, ingest);
+    long-running ones need a process."""
     from click.testing import CliRunner
 
     from cli.main import main
+    from lightbox.logs import LOG_FORMAT
     from lightbox.settings import get_settings
 
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
     removed = [k for k in os.environ if k.startswith("LIGHTBOX_") and k not in env]
+    root, handler = logging.getLogger(), _CurrentStderr()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.getLevelNamesMapping().get(
+        env.get("LIGHTBOX_LOG_LEVEL", "INFO").upper(), logging.INFO)))
+    umask, folder = os.umask(0o077), Path.cwd()
+    os.umask(umask)
     get_settings.cache_clear()
     try:
+        if cwd is not None:
+            os.chdir(cwd)
         result = CliRunner(env={**changed, **dict.fromkeys(removed)}).invoke(
             main, list(args), catch_exceptions=True)
     finally:
         get_settings.cache_clear()
+        os.chdir(folder)
+        os.umask(umask)
+        root.removeHandler(handler)
+        root.setLevel(level)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         import traceback

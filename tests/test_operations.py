@@ -26,6 +26,7 @@ from lightbox.settings import Settings
 from lightbox.synthetic import write_study
 from scheduler.ingest.folder import watch
 from scheduler.ingest.quarantine import digest
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=180)
+    """In process: the commands' answers are the point here; processes are where they are."""
+    return run_cli(env, *args, cwd=cwd)
 
 
 # -- item 16: configuration errors ---------------------------------------------------------
