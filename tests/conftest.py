@@ -16,6 +16,7 @@ command deselects them and ``.ci/run`` runs them after it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -339,6 +340,37 @@ def run_cli(env: dict[str, str], *args: str, cwd: Path | None = None
         stderr += "".join(traceback.format_exception(result.exception))
     return subprocess.CompletedProcess(["lightbox", *args], result.exit_code, result.stdout,
                                        stderr)
+
+
+@contextlib.contextmanager
+def api_in_thread(settings: Settings) -> Iterator[str]:
+    """What `lightbox api` serves (the app, its probe routes) on a free port of 127.0.0.1, by
+    uvicorn in a thread of this process: real HTTP without a new interpreter. Its URL. Tests
+    whose point is the process (its memory, its signals) start `lightbox api` instead."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from cli.commands.probes import add_probe_routes
+    from scheduler.web.app import make_app
+
+    app = make_app(settings)
+    add_probe_routes(app, settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), 60, 0.05, "the API started")
+        assert server.started, "the API did not start (see the log)"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 # Whole modules whose processes are the point (the demo, the fault harness, the Orthanc peer),
