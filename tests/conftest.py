@@ -373,10 +373,11 @@ def api_in_thread(settings: Settings) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-# Whole modules whose processes are the point (the demo, the fault harness, the Orthanc peer),
-# and fixtures that train a model: their tests carry the ``slow`` marker (see the docstring).
-SLOW_MODULES = ("test_demo.py", "test_orthanc.py", "faults/")
-SLOW_FIXTURES = {"trained", "resnet"}
+# Whole modules whose processes are the point (the demo, the fault harness, the Orthanc peer,
+# the dashboard in a browser against running processes), and fixtures that train a model
+# (``heads``: the fusion heads): their tests carry the ``slow`` marker (see the docstring).
+SLOW_MODULES = ("test_demo.py", "test_orthanc.py", "test_dashboard_browser.py", "faults/")
+SLOW_FIXTURES = {"trained", "resnet", "heads"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
