@@ -87,6 +87,7 @@ def test_multiclass_image_findings_decide_one_class() -> None:
     assert row["positive"] and row["predicted_class"] is None
 
 
+@pytest.mark.slow  # training (twice, 8 epochs) is the point
 def test_early_stopping_monitors_validation_loss(settings: Settings, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """On this set validation AUROC peaks at epoch 4 while validation loss is lowest at 6:
