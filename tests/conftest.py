@@ -276,6 +276,27 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def run_worker_until_done(backend: Backend, jobs: int, log: Path, what: str = "jobs done",
+                          timeout: float = 240) -> None:
+    """Start a real `lightbox worker` on ``backend``, wait until ``jobs`` jobs exist and every
+    one is in a terminal state, then stop it (its output in ``log``). For tests that send work
+    through the real queue; they check the outcomes themselves."""
+    from sqlalchemy import select
+
+    from db.models import Job
+
+    def done() -> bool:
+        with session_scope(backend.settings.sqlalchemy_url) as session:
+            rows = session.scalars(select(Job)).all()
+            return len(rows) == jobs and all(j.state.terminal for j in rows)
+
+    worker = backend.spawn("worker", log=log)
+    try:
+        wait_for(done, timeout=timeout, what=f"{what} ({backend.name})")
+    finally:
+        stop_processes([worker])
+
+
 def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         if proc.poll() is None:

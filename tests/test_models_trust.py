@@ -29,7 +29,7 @@ from scheduler.export.outbox import build_objects
 from scheduler.ingest.registration import register_file
 from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.scheduling.route import load_rules
-from tests.conftest import Backend, run_cli, stop_processes, wait_for
+from tests.conftest import Backend, run_cli, run_worker_until_done
 from trainer.synthetic_dataset import synthetic_set, write_class_folders
 from trainer.train import TrainConfig, draft_manifest, load_training_data, train_model
 from worker.findings import image_findings
@@ -129,16 +129,7 @@ def _run_through_queue(backend: Backend, paths: list[Path], tmp_path: Path) -> N
         register_file(settings, path)
     dispatch_ready(settings, load_rules(), PassReport())
     send_pending(settings, make_celery(settings), PassReport())
-    worker = backend.spawn("worker", log=tmp_path / "worker.log")
-    try:
-        def done() -> bool:
-            with session_scope(settings.sqlalchemy_url) as session:
-                jobs = session.scalars(select(Job)).all()
-                return len(jobs) == len(paths) and all(j.state.terminal for j in jobs)
-
-        wait_for(done, timeout=240, what=f"jobs done ({backend.name})")
-    finally:
-        stop_processes([worker])
+    run_worker_until_done(backend, len(paths), tmp_path / "worker.log")
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log, log[-3000:]
 
@@ -313,16 +304,7 @@ def test_metadata_model_end_to_end(backend: Backend, view_model: Path, tmp_path:
         register_file(settings, path)
     dispatch_ready(settings, load_rules(rules), PassReport())
     send_pending(settings, make_celery(settings), PassReport())
-    worker = backend.spawn("worker", log=tmp_path / "worker.log")
-    try:
-        def done() -> bool:
-            with session_scope(settings.sqlalchemy_url) as session:
-                jobs = session.scalars(select(Job)).all()
-                return len(jobs) == len(paths) and all(j.state.terminal for j in jobs)
-
-        wait_for(done, timeout=240, what=f"metadata jobs done ({backend.name})")
-    finally:
-        stop_processes([worker])
+    run_worker_until_done(backend, len(paths), tmp_path / "worker.log", "metadata jobs done")
     with session_scope(settings.sqlalchemy_url) as session:
         assert {j.state for j in session.scalars(select(Job))} == {JobState.succeeded}
         rows = findings(session)
