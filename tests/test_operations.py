@@ -188,7 +188,7 @@ def test_systemd_units_set_umask() -> None:
 
 def test_fifo_in_watched_folder_is_quarantined_once_without_its_name(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings(data_dir=tmp_path / "data", watch_rescan_seconds=0.2,
+    settings = Settings(data_dir=tmp_path / "data", watch_rescan_seconds=0.1,
                         watch_settle_seconds=0.0)
     upgrade(settings.sqlalchemy_url)
     inbox = tmp_path / "inbox"
@@ -199,7 +199,7 @@ def test_fifo_in_watched_folder_is_quarantined_once_without_its_name(
     thread = threading.Thread(target=watch, args=(settings, inbox, stop))
     thread.start()
     try:
-        time.sleep(3)  # ~15 rescans
+        time.sleep(1.5)  # ~15 rescans
     finally:
         stop.set()
         thread.join(timeout=30)
