@@ -16,7 +16,9 @@ command deselects them and ``.ci/run`` runs them after it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -274,6 +276,27 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def run_worker_until_done(backend: Backend, jobs: int, log: Path, what: str = "jobs done",
+                          timeout: float = 240) -> None:
+    """Start a real `lightbox worker` on ``backend``, wait until ``jobs`` jobs exist and every
+    one is in a terminal state, then stop it (its output in ``log``). For tests that send work
+    through the real queue; they check the outcomes themselves."""
+    from sqlalchemy import select
+
+    from db.models import Job
+
+    def done() -> bool:
+        with session_scope(backend.settings.sqlalchemy_url) as session:
+            rows = session.scalars(select(Job)).all()
+            return len(rows) == jobs and all(j.state.terminal for j in rows)
+
+    worker = backend.spawn("worker", log=log)
+    try:
+        wait_for(done, timeout=timeout, what=f"{what} ({backend.name})")
+    finally:
+        stop_processes([worker])
+
+
 def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -286,24 +309,51 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+class _CurrentStderr(logging.Handler):
+    """Log lines to whatever ``sys.stderr`` is when they are emitted (click's runner swaps it),
+    in the order a process would write them beside the command's own error lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def run_cli(env: dict[str, str], *args: str, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
     """``lightbox ARGS`` run in this process (click's runner) with ``env`` as its environment:
-    the result of ``subprocess.run([... "-m", "cli.main", *args], env=env, text=True,
-    capture_output=True)`` without a new interpreter importing everything again. For commands
-    that return (status, results, jobs, models, ingest); long-running ones need a process."""
+    the result of ``subprocess.run([... "-m", "cli.main", *args], env=env, cwd=cwd, text=True,
+    capture_output=True)`` without a new interpreter importing everything again. Its log lines
+    reach its stderr as in a process (the command's own logging set-up is a no-op under pytest,
+    whose handlers the root logger already has), and the umask and the working folder it sets
+    are restored. For commands that return (status, results, jobs, models, ingest);
+    long-running ones need a process."""
     from click.testing import CliRunner
 
     from cli.main import main
+    from lightbox.logs import LOG_FORMAT
     from lightbox.settings import get_settings
 
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
     removed = [k for k in os.environ if k.startswith("LIGHTBOX_") and k not in env]
+    root, handler = logging.getLogger(), _CurrentStderr()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.getLevelNamesMapping().get(
+        env.get("LIGHTBOX_LOG_LEVEL", "INFO").upper(), logging.INFO)))
+    umask, folder = os.umask(0o077), Path.cwd()
+    os.umask(umask)
     get_settings.cache_clear()
     try:
+        if cwd is not None:
+            os.chdir(cwd)
         result = CliRunner(env={**changed, **dict.fromkeys(removed)}).invoke(
             main, list(args), catch_exceptions=True)
     finally:
         get_settings.cache_clear()
+        os.chdir(folder)
+        os.umask(umask)
+        root.removeHandler(handler)
+        root.setLevel(level)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         import traceback
@@ -313,10 +363,42 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
                                        stderr)
 
 
-# Whole modules whose processes are the point (the demo, the fault harness, the Orthanc peer),
-# and fixtures that train a model: their tests carry the ``slow`` marker (see the docstring).
-SLOW_MODULES = ("test_demo.py", "test_orthanc.py", "faults/")
-SLOW_FIXTURES = {"trained", "resnet"}
+@contextlib.contextmanager
+def api_in_thread(settings: Settings) -> Iterator[str]:
+    """What `lightbox api` serves (the app, its probe routes) on a free port of 127.0.0.1, by
+    uvicorn in a thread of this process: real HTTP without a new interpreter. Its URL. Tests
+    whose point is the process (its memory, its signals) start `lightbox api` instead."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from cli.commands.probes import add_probe_routes
+    from scheduler.web.app import make_app
+
+    app = make_app(settings)
+    add_probe_routes(app, settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), 60, 0.05, "the API started")
+        assert server.started, "the API did not start (see the log)"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# Whole modules whose processes are the point (the demo, the fault harness, the Orthanc peer,
+# the dashboard in a browser against running processes), and fixtures that train a model
+# (``heads``: the fusion heads): their tests carry the ``slow`` marker (see the docstring).
+SLOW_MODULES = ("test_demo.py", "test_orthanc.py", "test_dashboard_browser.py", "faults/")
+SLOW_FIXTURES = {"trained", "resnet", "heads"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ from lightbox.synthetic import write_ct_study, write_study
 from scheduler.ingest.folder import ingest_paths
 from scheduler.scheduling.dispatch import PassReport, dispatch_ready
 from scheduler.scheduling.route import load_rules
-from tests.conftest import Backend, stop_processes, wait_for
+from tests.conftest import Backend, api_in_thread, run_cli
 from worker.writer import write_results
 
 OPERATOR, READER = "operator-token-1234", "reader-token-5678"
@@ -109,26 +108,16 @@ def seed(backend: Backend, model_id: int, tmp: Path, chest_studies: int = 5) -> 
 @pytest.fixture
 def api(backend: Backend, registered_model: tuple[int, str],
         tmp_path: Path) -> Iterator[tuple[httpx.Client, Seeded, Backend]]:
+    """The API in this process (what `lightbox api` serves, over real HTTP): the API's answers
+    are the point here; test_stow and test_limits start the process."""
     seeded = seed(backend, registered_model[0], tmp_path)
-    port = free_port()
-    backend.env.update({"LIGHTBOX_API_PORT": str(port), "LIGHTBOX_API_TOKENS": json.dumps(TOKENS),
+    backend.env.update({"LIGHTBOX_API_TOKENS": json.dumps(TOKENS),
                         "LIGHTBOX_API_TOKEN": "legacy-token-0000"})
-    proc = backend.spawn("api", log=tmp_path / "api.log")
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"lightbox api exited: {(tmp_path / 'api.log').read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{base}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, 120, what="lightbox api")
-    with httpx.Client(base_url=base, timeout=60,
-                      headers={"Authorization": f"Bearer {OPERATOR}"}) as client:
+    settings = backend.settings.model_copy(update={"api_tokens": TOKENS,
+                                                   "api_token": "legacy-token-0000"})
+    with api_in_thread(settings) as base, httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {OPERATOR}"}) as client:
         yield client, seeded, backend
-    stop_processes([proc])
 
 
 def test_api_v1(api: tuple[httpx.Client, Seeded, Backend]) -> None:
@@ -278,8 +267,8 @@ def test_api_v1(api: tuple[httpx.Client, Seeded, Backend]) -> None:
     assert status["jobs"]["dead"] == 1 and status["quarantined_total"] == 1
     assert status["exports"]["dead"] == 1
     assert "name" not in status["quarantined"][0]
-    out = subprocess.run([*_cli(), "status", "--format", "json"], env=backend.env,
-                         capture_output=True, text=True, check=True)
+    out = run_cli(backend.env, "status", "--format", "json")
+    assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["jobs"] == status["jobs"]
 
     # -- every write was audited with the token's name
@@ -291,27 +280,19 @@ def test_api_v1(api: tuple[httpx.Client, Seeded, Backend]) -> None:
         ("ops", "promote")]
 
 
-def _cli() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "cli.main"]
-
-
 def test_explain(backend: Backend, registered_model: tuple[int, str], tmp_path: Path) -> None:
     """`lightbox explain`: the study page's timeline in the shell; an unknown study fails."""
     seeded = seed(backend, registered_model[0], tmp_path, chest_studies=3)
-    out = subprocess.run([*_cli(), "explain", seeded.ct], env=backend.env,
-                         capture_output=True, text=True)
+    out = run_cli(backend.env, "explain", seeded.ct)
     assert out.returncode == 0, out.stderr
     assert "unrouted" in out.stdout and "no routing rule matched" in out.stdout
-    out = subprocess.run([*_cli(), "explain", seeded.chest[0], "--format", "json"],
-                         env=backend.env, capture_output=True, text=True, check=True)
+    out = run_cli(backend.env, "explain", seeded.chest[0], "--format", "json")
+    assert out.returncode == 0, out.stderr
     kinds = [e["kind"] for e in json.loads(out.stdout)["timeline"]]
     assert "file_quarantined" in kinds and "export_dead" in kinds
-    empty = subprocess.run([*_cli(), "results", "--study", seeded.ct, "--format", "json"],
-                           env=backend.env, capture_output=True, text=True, check=True)
+    empty = run_cli(backend.env, "results", "--study", seeded.ct, "--format", "json")
+    assert empty.returncode == 0, empty.stderr
     assert json.loads(empty.stdout) == []
     assert "unrouted" in empty.stderr and f"lightbox explain {seeded.ct}" in empty.stderr
-    missing = subprocess.run([*_cli(), "explain", "1.2.3.4.5"], env=backend.env,
-                             capture_output=True, text=True)
+    missing = run_cli(backend.env, "explain", "1.2.3.4.5")
     assert missing.returncode != 0 and "not known" in (missing.stdout + missing.stderr)

@@ -39,7 +39,7 @@ from lightbox.synthetic import write_study
 from scheduler.ingest.registration import register_file
 from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.scheduling.route import load_rules
-from tests.conftest import Backend, stop_processes, wait_for
+from tests.conftest import Backend, run_cli, stop_processes, wait_for
 from tests.pacs_peers import free_port
 
 CLI = [sys.executable, "-m", "cli.main"]
@@ -156,7 +156,8 @@ def test_migration_makes_old_absolute_paths_relative(tmp_path: Path,
 # -- 2. migrations as a step of their own ------------------------------------------------------
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
+    """In process: what the commands refuse is the point here, not the process."""
+    return run_cli(env, *args)
 
 
 def test_cluster_mode_refuses_old_and_newer_schema(tmp_path: Path) -> None:
@@ -266,6 +267,7 @@ def _spawn(env: dict[str, str], cwd: Path, log: Path, *args: str) -> subprocess.
 
 
 @pytest.mark.postgres
+@pytest.mark.slow  # processes (nodes, signals) are the point
 def test_two_worker_nodes_and_an_export_node_share_one_storage(
         postgres_backend: Backend, tmp_path: Path) -> None:
     from tests.test_batching import _cam_bundle
@@ -366,6 +368,7 @@ def test_two_worker_nodes_and_an_export_node_share_one_storage(
 
 # -- 4. graceful stop --------------------------------------------------------------------------
 
+@pytest.mark.slow  # processes (nodes, signals) are the point
 def test_sigterm_worker_finishes_in_flight_jobs_and_exits_0(sqlite_backend: Backend,
                                                              model_bundle: Path,
                                                              tmp_path: Path) -> None:
@@ -415,6 +418,7 @@ def test_sigterm_worker_finishes_in_flight_jobs_and_exits_0(sqlite_backend: Back
     assert sorted(per_job.values()) == [2] * len(studies)  # none lost, none doubled
 
 
+@pytest.mark.slow  # processes (nodes, signals) are the point
 def test_scp_api_export_serve_probes_and_stop_cleanly(sqlite_backend: Backend,
                                                       tmp_path: Path) -> None:
     """Each long-running PACS process serves its probes and metrics; on SIGTERM the SCP

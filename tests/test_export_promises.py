@@ -31,7 +31,7 @@ from lightbox.settings import Settings
 from lightbox.synthetic import write_study
 from scheduler.export.destinations import SendResult, StowDestination
 from scheduler.export.outbox import backoff, build_pass, export_pass, send_pass
-from tests.conftest import Backend, stop_processes
+from tests.conftest import Backend
 from tests.test_export import configured, rows, succeeded_job
 from tests.test_stow import TOKEN, _api, _multipart
 
@@ -228,16 +228,13 @@ def test_own_stow_answers_200_for_all_and_409_for_none(sqlite_backend: Backend,
                                                        tmp_path: Path) -> None:
     study = write_study(tmp_path / "syn", np.random.default_rng(21), label=0, images=2, size=64)
     headers = {"Accept": "application/dicom+json", "Authorization": f"Bearer {TOKEN}"}
-    proc, url = _api(sqlite_backend, tmp_path)
-    try:
+    with _api(sqlite_backend) as url:
         body, content_type = _multipart([p.read_bytes() for p in study.paths])
         all_stored = httpx.post(f"{url}/dicom-web/studies", content=body, timeout=120,
                                 headers={**headers, "Content-Type": content_type})
         body, content_type = _multipart([b"not dicom", b"\x00" * 200])
         none_stored = httpx.post(f"{url}/dicom-web/studies", content=body, timeout=120,
                                  headers={**headers, "Content-Type": content_type})
-    finally:
-        stop_processes([proc])
     assert all_stored.status_code == 200, all_stored.text
     stored = all_stored.json()
     assert "00081198" not in stored

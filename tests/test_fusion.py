@@ -26,7 +26,7 @@ from lightbox.tabular import encode, fused_input, read_header
 from scheduler.ingest.registration import register_file
 from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.scheduling.route import load_rules
-from tests.conftest import Backend, stop_processes, wait_for
+from tests.conftest import Backend, run_worker_until_done
 from trainer.export import onnx_scores
 from trainer.tabular import FUSION_LABEL, image_model_scores, write_fusion_files
 from worker.model_cache import ModelCache
@@ -108,16 +108,7 @@ def test_fused_model_end_to_end(backend: Backend, model_bundle: Path,
         register_file(settings, path)
     dispatch_ready(settings, load_rules(rules), PassReport())
     send_pending(settings, make_celery(settings), PassReport())
-    worker = backend.spawn("worker", log=tmp_path / "worker.log")
-    try:
-        def done() -> bool:
-            with session_scope(settings.sqlalchemy_url) as session:
-                jobs = session.scalars(select(Job)).all()
-                return len(jobs) == len(paths) and all(j.state.terminal for j in jobs)
-
-        wait_for(done, timeout=240, what=f"fusion jobs done ({backend.name})")
-    finally:
-        stop_processes([worker])
+    run_worker_until_done(backend, len(paths), tmp_path / "worker.log", "fusion jobs done")
     with session_scope(settings.sqlalchemy_url) as session:
         assert {j.state for j in session.scalars(select(Job))} == {JobState.succeeded}
         rows = findings(session)

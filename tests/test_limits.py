@@ -180,6 +180,7 @@ def _flood(port: int, declared: int, *, chunk: int = MB) -> tuple[int, bytes]:
     return sent, reply
 
 
+@pytest.mark.slow  # an attack on a real process, its memory measured
 def test_oversized_associate_request_is_aborted_after_its_header(sqlite_backend: Backend,
                                                                   tmp_path: Path) -> None:
     """Item 1: `01 00` + length 2^30 then zeros, on 4 connections at once: each gets an
@@ -206,6 +207,7 @@ def test_oversized_associate_request_is_aborted_after_its_header(sqlite_backend:
     assert rss.growth_mb < 100
 
 
+@pytest.mark.slow  # an attack on a real process, its memory measured
 def test_oversized_data_pdu_is_aborted_after_its_header(sqlite_backend: Backend,
                                                          tmp_path: Path) -> None:
     """Item 1, once associated: a P-DATA-TF PDU declaring more than the maximum PDU length
@@ -229,6 +231,7 @@ def test_oversized_data_pdu_is_aborted_after_its_header(sqlite_backend: Backend,
     assert rss.growth_mb < 100
 
 
+@pytest.mark.slow  # an attack on a real process, its memory measured
 def test_idle_connections_from_one_host_do_not_lock_out_allowed_callers(
         sqlite_backend: Backend, tmp_path: Path) -> None:
     """Item 2: 16 connections that send nothing (all the association slots): those past the
@@ -288,6 +291,7 @@ def test_pynetdicom_internals_are_there() -> None:
     assert "verify_request" in vars(socketserver.BaseServer)
 
 
+@pytest.mark.slow  # an attack on a real process, its memory measured
 def test_tls_connection_that_never_shakes_hands_does_not_stop_the_scp(
         sqlite_backend: Backend, tmp_path: Path) -> None:
     """Item 2 on TLS: the handshake runs in the accept loop; a peer that connects and sends
@@ -435,6 +439,7 @@ BASE_LINE = ("import psutil, os\n"
              "print('BASE', psutil.Process(os.getpid()).memory_info().rss)\n")
 
 
+@pytest.mark.slow  # an attack on a real process, its memory measured
 def test_deflate_bomb_is_refused_on_every_channel(sqlite_backend: Backend,
                                                    tmp_path: Path) -> None:
     """Item 3: 280 KB that inflate to 288 MB (a valid 12000 × 12000 16-bit CT), with
@@ -479,6 +484,7 @@ def test_deflate_bomb_is_refused_on_every_channel(sqlite_backend: Backend,
         assert growth < 100
 
 
+@pytest.mark.slow  # an attack on a real process, its memory measured
 def test_jpeg2000_declaring_a_larger_image_is_refused(sqlite_backend: Backend,
                                                       tmp_path: Path) -> None:
     """Item 4: a 6 KB JPEG 2000 file (Rows/Columns 64) whose SIZ declares 60000 × 60000:
@@ -542,6 +548,7 @@ def _raw_post(url: str, headers: dict[str, str], body: Iterator[bytes]) -> tuple
     return sent, response
 
 
+@pytest.mark.slow  # an attack on a real process, its memory measured
 def test_stow_streams_and_refuses_over_its_limits(sqlite_backend: Backend,
                                                   tmp_path: Path) -> None:
     """Item 5: one 200 MB part is streamed (the API does not grow by it) while another caller

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from scheduler.export.outbox import build_objects
 from scheduler.ingest.registration import register_file
 from scheduler.scheduling.dispatch import PassReport, dispatch_ready, send_pending
 from scheduler.scheduling.route import load_rules
-from tests.conftest import Backend, stop_processes, wait_for
+from tests.conftest import Backend, run_cli, run_worker_until_done
 from trainer.synthetic_dataset import synthetic_set, write_class_folders
 from trainer.train import TrainConfig, draft_manifest, load_training_data, train_model
 from worker.findings import image_findings
@@ -89,6 +87,7 @@ def test_multiclass_image_findings_decide_one_class() -> None:
     assert row["positive"] and row["predicted_class"] is None
 
 
+@pytest.mark.slow  # training (twice, 8 epochs) is the point
 def test_early_stopping_monitors_validation_loss(settings: Settings, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """On this set validation AUROC peaks at epoch 4 while validation loss is lowest at 6:
@@ -130,16 +129,7 @@ def _run_through_queue(backend: Backend, paths: list[Path], tmp_path: Path) -> N
         register_file(settings, path)
     dispatch_ready(settings, load_rules(), PassReport())
     send_pending(settings, make_celery(settings), PassReport())
-    worker = backend.spawn("worker", log=tmp_path / "worker.log")
-    try:
-        def done() -> bool:
-            with session_scope(settings.sqlalchemy_url) as session:
-                jobs = session.scalars(select(Job)).all()
-                return len(jobs) == len(paths) and all(j.state.terminal for j in jobs)
-
-        wait_for(done, timeout=240, what=f"jobs done ({backend.name})")
-    finally:
-        stop_processes([worker])
+    run_worker_until_done(backend, len(paths), tmp_path / "worker.log")
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log, log[-3000:]
 
@@ -198,9 +188,7 @@ def test_three_class_end_to_end_with_shadow(backend: Backend,
                                                       (meaning["opacity"], "Absent")])
             assert not any(text == NOT_FOR_CLINICAL_USE for _, text in content)
 
-    out = subprocess.run([sys.executable, "-m", "cli.main", "models", "compare", "chest",
-                          "--format", "json"], env=backend.env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_cli(backend.env, "models", "compare", "chest", "--format", "json")
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["pairs"] == len(truth) and report["shadow_version"] == "weak"
@@ -209,27 +197,22 @@ def test_three_class_end_to_end_with_shadow(backend: Backend,
     assert Path(report["plot"]).stat().st_size > 0
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_worse_candidate_refused_then_forced_and_audited(
         three_class: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, good, weak = three_class
     env = {**os.environ, "LIGHTBOX_DATA_DIR": str(tmp_path / "data")}
     env.pop("LIGHTBOX_DATABASE_URL", None)
-    assert _cli(env, "models", "register", str(good), "--promote").returncode == 0
-    assert _cli(env, "models", "register", str(weak)).returncode == 0
-    refused = _cli(env, "models", "promote", "chest", "weak")
+    assert run_cli(env, "models", "register", str(good), "--promote").returncode == 0
+    assert run_cli(env, "models", "register", str(weak)).returncode == 0
+    refused = run_cli(env, "models", "promote", "chest", "weak")
     assert refused.returncode == 1 and "refused" in refused.stderr, refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr
-    no_reason = _cli(env, "models", "promote", "chest", "weak", "--force")
+    no_reason = run_cli(env, "models", "promote", "chest", "weak", "--force")
     assert no_reason.returncode == 1 and "--reason" in no_reason.stderr
-    listed = json.loads(_cli(env, "models", "list", "--format", "json").stdout)
+    listed = json.loads(run_cli(env, "models", "list", "--format", "json").stdout)
     assert {m["version"]: m["stage"] for m in listed} == {"good": "production",
                                                           "weak": "staging"}
-    forced = _cli(env, "models", "promote", "chest", "weak", "--force", "--reason",
+    forced = run_cli(env, "models", "promote", "chest", "weak", "--force", "--reason",
                   "rollback drill")
     assert forced.returncode == 0, forced.stderr[-2000:]
     settings = Settings(data_dir=tmp_path / "data")
@@ -259,12 +242,10 @@ def test_synthetic_flag_on_results_and_sr(sqlite_backend: Backend, model_bundle:
     with session_scope(settings.sqlalchemy_url) as session:
         [job_id] = session.scalars(select(Job.id))
     assert run_job(settings, ModelCache(settings, "onnxruntime"), job_id) == "succeeded"
-    out = subprocess.run([sys.executable, "-m", "cli.main", "results", "--format", "json"],
-                         env=sqlite_backend.env, capture_output=True, text=True, timeout=120)
+    out = run_cli(sqlite_backend.env, "results", "--format", "json")
     rows = json.loads(out.stdout)
     assert len(rows) == 2 and all(r["synthetic"] is True for r in rows)
-    table = subprocess.run([sys.executable, "-m", "cli.main", "results"],
-                           env=sqlite_backend.env, capture_output=True, text=True, timeout=120)
+    table = run_cli(sqlite_backend.env, "results")
     assert "SYNTHETIC" in table.stdout
     with session_scope(settings.sqlalchemy_url) as session:
         job = session.get(Job, job_id)
@@ -323,16 +304,7 @@ def test_metadata_model_end_to_end(backend: Backend, view_model: Path, tmp_path:
         register_file(settings, path)
     dispatch_ready(settings, load_rules(rules), PassReport())
     send_pending(settings, make_celery(settings), PassReport())
-    worker = backend.spawn("worker", log=tmp_path / "worker.log")
-    try:
-        def done() -> bool:
-            with session_scope(settings.sqlalchemy_url) as session:
-                jobs = session.scalars(select(Job)).all()
-                return len(jobs) == len(paths) and all(j.state.terminal for j in jobs)
-
-        wait_for(done, timeout=240, what=f"metadata jobs done ({backend.name})")
-    finally:
-        stop_processes([worker])
+    run_worker_until_done(backend, len(paths), tmp_path / "worker.log", "metadata jobs done")
     with session_scope(settings.sqlalchemy_url) as session:
         assert {j.state for j in session.scalars(select(Job))} == {JobState.succeeded}
         rows = findings(session)

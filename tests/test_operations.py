@@ -26,6 +26,7 @@ from lightbox.settings import Settings
 from lightbox.synthetic import write_study
 from scheduler.ingest.folder import watch
 from scheduler.ingest.quarantine import digest
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=180)
+    """In process: the commands' answers are the point here; processes are where they are."""
+    return run_cli(env, *args, cwd=cwd)
 
 
 # -- item 16: configuration errors ---------------------------------------------------------
@@ -187,7 +188,7 @@ def test_systemd_units_set_umask() -> None:
 
 def test_fifo_in_watched_folder_is_quarantined_once_without_its_name(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings(data_dir=tmp_path / "data", watch_rescan_seconds=0.2,
+    settings = Settings(data_dir=tmp_path / "data", watch_rescan_seconds=0.1,
                         watch_settle_seconds=0.0)
     upgrade(settings.sqlalchemy_url)
     inbox = tmp_path / "inbox"
@@ -198,7 +199,7 @@ def test_fifo_in_watched_folder_is_quarantined_once_without_its_name(
     thread = threading.Thread(target=watch, args=(settings, inbox, stop))
     thread.start()
     try:
-        time.sleep(3)  # ~15 rescans
+        time.sleep(1.5)  # ~15 rescans
     finally:
         stop.set()
         thread.join(timeout=30)

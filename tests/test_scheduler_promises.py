@@ -5,6 +5,7 @@ retention, and job retries back off 5 s doubling up to 10 min with jitter."""
 from __future__ import annotations
 
 import statistics
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -19,13 +20,14 @@ from db import jobs as job_states
 from db.model_registry import register_bundle, retire
 from db.models import Event, Instance, Job, JobState, Model, Study, StudyStatus
 from db.session import session_scope
+from lightbox.celery_app import make_celery
 from lightbox.roots import stored_file
 from lightbox.synthetic import write_study
 from scheduler.ingest.registration import register_file
 from scheduler.scheduling.dispatch import PassReport, dispatch_ready
+from scheduler.scheduling.passes import run_scheduler
 from scheduler.scheduling.route import load_rules
-from tests.conftest import Backend, stop_processes, wait_for
-from tests.pacs_peers import with_env
+from tests.conftest import Backend, wait_for
 
 # --- unrouted: no production version ----------------------------------------------------------
 
@@ -95,7 +97,7 @@ def _stored(backend: Backend) -> dict[str, str | None]:
 
 
 def test_lightbox_scheduler_applies_retention(sqlite_backend: Backend, tmp_path: Path) -> None:
-    """A real `lightbox scheduler` with ``LIGHTBOX_RETENTION_DAYS=1``: the pixels of a study
+    """The scheduler's loop with ``LIGHTBOX_RETENTION_DAYS=1``: the pixels of a study
     received 3 days ago are deleted (row kept, ``stored_path`` NULL, file gone); those of a
     study received now are kept."""
     settings = sqlite_backend.settings
@@ -115,13 +117,19 @@ def test_lightbox_scheduler_applies_retention(sqlite_backend: Backend, tmp_path:
     before = _stored(sqlite_backend)
     old_file, new_file = Path(before[old_uid] or ""), Path(before[new_uid] or "")
     assert old_file.is_file() and new_file.is_file()
-    scheduler = with_env(sqlite_backend, LIGHTBOX_RETENTION_DAYS="1").spawn(
-        "scheduler", log=tmp_path / "scheduler.log")
+    # The scheduler's own loop (what `lightbox scheduler` runs) in a thread: the loop applying
+    # retention is the point, not the process.
+    kept = settings.model_copy(update={"retention_days": 1.0, "scheduler_interval": 0.2,
+                                       "reconcile_interval": 0.5})
+    stop = threading.Event()
+    loop = threading.Thread(target=run_scheduler, args=(kept, make_celery(kept), stop))
+    loop.start()
     try:
         wait_for(lambda: _stored(sqlite_backend)[old_uid] is None, 90,
                  what="the scheduler deleting the expired pixels")
     finally:
-        stop_processes([scheduler])
+        stop.set()
+        loop.join(timeout=60)
     assert not old_file.exists()
     assert _stored(sqlite_backend) == {old_uid: None, new_uid: str(new_file)}
     assert new_file.is_file()

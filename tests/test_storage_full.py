@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select
@@ -78,6 +79,7 @@ def _instance(rng: np.random.Generator, template: pydicom.Dataset, size: int) ->
     return ds
 
 
+@pytest.mark.slow  # a fault (a full disk) under a real `lightbox scp`
 def test_full_disk_nothing_half_registered(sqlite_backend: Backend, tmp_path: Path) -> None:
     require_that(os.geteuid() == 0, "root", "mounting a small tmpfs as storage needs root "
                  "(CI runs as root)")

@@ -1,9 +1,12 @@
-"""STOW-RS on a real `lightbox api` process: token required, a result per instance, the same
-registration path (``source = "stow"``); and Orthanc's DICOMweb client as a real STOW peer."""
+"""STOW-RS on what `lightbox api` serves (in a thread, real HTTP): token required, a result per
+instance, the same registration path (``source = "stow"``); and Orthanc's DICOMweb client as a
+real STOW peer."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,27 +18,18 @@ from sqlalchemy import select
 from db.models import Instance, QuarantinedFile
 from db.session import session_scope
 from lightbox.synthetic import real_chest_crs, write_study
-from tests.conftest import Backend, stop_processes, wait_for
-from tests.pacs_peers import free_port, orthanc, require_dicomweb, with_env
+from tests.conftest import Backend, api_in_thread
+from tests.pacs_peers import orthanc, require_dicomweb
 
 TOKEN = "test-token-" + uuid.uuid4().hex
 
 
-def _api(backend: Backend, tmp_path: Path) -> tuple[object, str]:
-    port = free_port()
-    proc = with_env(backend, LIGHTBOX_API_TOKEN=TOKEN, LIGHTBOX_API_PORT=str(port)).spawn(
-        "api", log=tmp_path / "api.log")
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
-    wait_for(up, 60, what="lightbox api up")
-    assert proc.poll() is None, (tmp_path / "api.log").read_text()[-2000:]
-    return proc, url
+@contextmanager
+def _api(backend: Backend) -> Iterator[str]:
+    """What `lightbox api` serves, in a thread of this process (real HTTP): its answers are the
+    point here; test_limits measures the process."""
+    with api_in_thread(backend.settings.model_copy(update={"api_token": TOKEN})) as url:
+        yield url
 
 
 def _multipart(parts: list[bytes]) -> tuple[bytes, str]:
@@ -52,8 +46,7 @@ def test_stow_per_instance_results(backend: Backend, tmp_path: Path) -> None:
     good = [*real, *synthetic.paths]
     uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in good]
     body, content_type = _multipart([p.read_bytes() for p in good] + [b"not dicom at all"])
-    proc, url = _api(backend, tmp_path)
-    try:
+    with _api(backend) as url:
         denied = httpx.post(url + "/dicom-web/studies", content=body, timeout=60,
                             headers={"Content-Type": content_type})
         wrong = httpx.post(url + "/dicom-web/studies", content=body, timeout=60,
@@ -66,8 +59,6 @@ def test_stow_per_instance_results(backend: Backend, tmp_path: Path) -> None:
                               headers={"Content-Type": content_type, "Accept":
                                        "application/dicom+json",
                                        "Authorization": f"Bearer {TOKEN}"})
-    finally:
-        stop_processes([proc])
     assert response.status_code == 202, response.text
     result = response.json()
     stored = [item["00081155"]["Value"][0] for item in result["00081199"]["Value"]]
@@ -85,15 +76,12 @@ def test_stow_per_instance_results(backend: Backend, tmp_path: Path) -> None:
 def test_orthanc_stow_client(sqlite_backend: Backend, tmp_path: Path) -> None:
     require_dicomweb()
     study = write_study(tmp_path / "syn", np.random.default_rng(10), label=1, images=3, size=96)
-    proc, url = _api(sqlite_backend, tmp_path)
-    try:
+    with _api(sqlite_backend) as url:
         servers = {"lightbox": {"Url": f"{url}/dicom-web/",
                                 "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}}
         with orthanc(tmp_path / "orthanc", dicomweb_servers=servers) as pacs:
             study_id = {pacs.upload(p)["ParentStudy"] for p in study.paths}.pop()
             pacs.post("/dicom-web/servers/lightbox/stow", {"Resources": [study_id]})
-    finally:
-        stop_processes([proc])
     with session_scope(sqlite_backend.settings.sqlalchemy_url) as session:
         rows = {i.sop_instance_uid: i.source for i in session.scalars(select(Instance))}
     assert rows == {uid: "stow" for uid in study.sop_instance_uids}

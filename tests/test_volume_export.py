@@ -51,6 +51,7 @@ def _flatten(items):  # type: ignore[no-untyped-def]
             yield from _flatten(item.ContentSequence)
 
 
+@pytest.mark.slow  # Orthanc is the peer
 def test_seg_and_sr_validate_and_orthanc_accepts_them(tmp_path: Path) -> None:
     require("Orthanc", "dciodvfy")
     settings = Settings(data_dir=tmp_path / "data", quiet_seconds=0)

@@ -17,6 +17,7 @@ from trainer.export import onnx_outputs
 from trainer.volume_train import ROI, synthetic_volumes, train_volume_model, volume_spec
 
 
+@pytest.mark.slow  # training is the point
 @pytest.mark.parametrize("kind", ["segmentation", "classification"])
 def test_volume_model_bundle(tmp_path: Path, kind: str) -> None:
     settings = Settings(data_dir=tmp_path / "data")

@@ -6,8 +6,6 @@ the job with its reason, other jobs go on."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from lightbox.roots import stored_file
 from lightbox.settings import Settings
 from lightbox.synthetic_volume import make_phantom, write_series
 from scheduler.scheduling.route import load_rules
-from tests.conftest import Backend
+from tests.conftest import Backend, run_cli
 from tests.volume_helpers import ingest_and_dispatch, oracle_bundle, phantom_truth, register
 from worker.decode_pool import DecodePool
 from worker.model_cache import ModelCache
@@ -94,14 +92,13 @@ def test_series_findings_match_the_phantom(tmp_path: Path, backend: Backend) -> 
         # The mask is on the source grid, in plan order (ascending z), close to the truth.
         overlap = (mask["mask"] > 0) & (truth.mask > 0)
         assert overlap.sum() >= 0.6 * truth.mask.sum()
-    shown = subprocess.run([sys.executable, "-m", "cli.main", "results", "--series",
-                            "--format", "json"], env=backend.env, capture_output=True,
-                           text=True, check=True, timeout=120)
+    shown = run_cli(backend.env, "results", "--series", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
     rows = {r["job_id"]: r for r in json.loads(shown.stdout)}
     assert rows[jobs[0]]["lesion_count"] == 2 and rows[jobs[1]]["lesion_count"] == 0
-    table = subprocess.run([sys.executable, "-m", "cli.main", "results"], env={
-        **backend.env, "COLUMNS": "200"}, capture_output=True, text=True, check=True,
-        timeout=120).stdout
+    listed = run_cli({**backend.env, "COLUMNS": "200"}, "results")
+    assert listed.returncode == 0, listed.stderr
+    table = listed.stdout
     assert "Series findings" in table and "POSITI" in table, table
 
 

@@ -76,6 +76,7 @@ with session_scope(sys.argv[1]) as session:
 
 # Row locks and session timeouts are PostgreSQL's (SQLite has one writer): no SQLite variant,
 # rather than one that skips in CI.
+@pytest.mark.slow  # a fault (a signal to a worker process) is the point
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_worker_frozen_holding_its_row_lock_is_caught(backend: Backend, tiny_model: int,
                                                       tmp_path: Path) -> None:
@@ -111,6 +112,7 @@ def test_worker_frozen_holding_its_row_lock_is_caught(backend: Backend, tiny_mod
         frozen.wait(timeout=30)
 
 
+@pytest.mark.slow  # a fault (a signal to a worker process) is the point
 def test_worker_killed_with_sigkill_is_listed_gone(sqlite_backend: Backend,
                                                    tmp_path: Path) -> None:
     backend = sqlite_backend
