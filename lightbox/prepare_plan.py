@@ -35,6 +35,7 @@ returns ``None`` for everything else and that image takes the CPU path. The step
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -43,9 +44,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
+from lightbox.errors import PixelDecodeError
 from lightbox.j2k_reduced import JPEG2000_SYNTAXES, read_header, reduction_for
+from lightbox.limits import J2K_SYNTAXES, LimitExceeded, check_j2k_frame
 from lightbox.manifest import Manifest
-from lightbox.pixels import _check_declared_size, _has_lut, _window_range, linear_window
+from lightbox.pixels import _has_lut, _window_range, linear_window
 
 # The 9/7 lifting constants and gain of ISO 15444-1 Annex F (as openjpeg uses them).
 _ALPHA, _BETA = -1.586134342059924, -0.052980118572961
@@ -75,10 +78,40 @@ class Plan:
     channels: int
 
 
-def plan_for(ds: Dataset, manifest: Manifest) -> Plan | None:
+def first_frame(ds: Dataset) -> bytes:
+    """The first frame of encapsulated pixel data (its fragments joined).
+
+    Why not only pydicom's ``get_frame``: it reads each fragment through a ``BytesIO`` (a
+    JPEG 2000 chest CR comes in hundreds of fragments), ~3 ms per call where a walk over the
+    items is a small fraction of that; on a GPU node the thread that feeds the GPU does this
+    for every image. A single-frame data set's fragments after the Basic Offset Table are its
+    frame (PS3.5 A.4); anything else, or items that do not parse, go to ``get_frame``."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    data = ds.PixelData
+    if frames == 1:
+        view, position = memoryview(data), 0
+        parts: list[memoryview] = []
+        while position + 8 <= len(view):
+            group, element, length = struct.unpack_from("<HHI", view, position)
+            position += 8
+            if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimiter
+                break
+            if (group, element) != (0xFFFE, 0xE000) or position + length > len(view):
+                parts = []
+                break
+            if position > 8:  # the first item is the Basic Offset Table
+                parts.append(view[position : position + length])
+            position += length
+        if parts:
+            return b"".join(parts)
+    return bytes(get_frame(data, 0, number_of_frames=frames))
+
+
+def plan_for(ds: Dataset, manifest: Manifest, frame: bytes | None = None) -> Plan | None:
     """The plan that prepares ``ds``'s first frame exactly as :func:`prepare_file` would, or
     ``None`` when the image must take the CPU path (not a 2-D grayscale image model, a LUT or
     non-linear window, percentiles, colour, a JPEG 2000 stream this module cannot mirror).
+    ``frame``: the compressed first frame when the caller has it (:func:`first_frame`).
     Raises :class:`~lightbox.errors.PixelDecodeError` for a frame the CPU path refuses too."""
     spec, inp = manifest.preprocessing, manifest.input
     if manifest.kind != "image" or manifest.volume is not None or spec.voi != "window":
@@ -90,9 +123,15 @@ def plan_for(ds: Dataset, manifest: Manifest) -> Plan | None:
     linear = linear_window(ds)
     if linear is None:
         return None
-    _check_declared_size(ds)
     rows, columns = int(ds.Rows), int(ds.Columns)
-    reduced = _reduction(ds, inp.height, inp.width)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    if syntax in J2K_SYNTAXES:
+        frame = frame if frame is not None else first_frame(ds)
+        try:  # as lightbox.pixels._check_declared_size: the decoder allocates what it says
+            check_j2k_frame(frame, rows, columns, 1)
+        except LimitExceeded as exc:
+            raise PixelDecodeError(f"refused {ds.get('SOPInstanceUID', '?')}: {exc}") from exc
+    reduced = _reduction(ds, frame, inp.height, inp.width)
     if reduced is None:
         return None
     kind, levels, precision = reduced
@@ -116,20 +155,17 @@ def plan_for(ds: Dataset, manifest: Manifest) -> Plan | None:
                 std=spec.std, channels=inp.channels)
 
 
-def _reduction(ds: Dataset, height: int, width: int) -> tuple[ReduceKind, int, int] | None:
+def _reduction(ds: Dataset, frame: bytes | None, height: int,
+               width: int) -> tuple[ReduceKind, int, int] | None:
     """("dwt53" | "dwt97", r, precision) where the CPU path decodes JPEG 2000 at level r
     (the conditions of :func:`lightbox.pixels._decode_reduced` and
     :func:`lightbox.j2k_reduced.decode_reduced`), ("none", 0, 0) where it decodes in full, or
     None where this module cannot compute that level's band (tiles, image offsets)."""
     syntax = str(ds.file_meta.TransferSyntaxUID)
     if syntax not in JPEG2000_SYNTAXES or int(ds.get("PixelRepresentation", 0) or 0) != 0 \
-            or int(ds.get("BitsAllocated", 16) or 16) != 16:
+            or int(ds.get("BitsAllocated", 16) or 16) != 16 or frame is None:
         return "none", 0, 0
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        header = read_header(get_frame(ds.PixelData, 0, number_of_frames=frames))
-    except Exception:  # noqa: BLE001 - the CPU path reads the same frame and reports it
-        return None
+    header = read_header(frame)
     if header is None or (header.height, header.width) != (int(ds.Rows), int(ds.Columns)) \
             or header.precision != int(ds.BitsStored) or header.components != 1 \
             or header.signed or not 8 < header.precision <= 16:

@@ -47,11 +47,10 @@ from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
-from pydicom.encaps import get_frame
 
 from lightbox.manifest import Manifest
 from lightbox.pixels import read_dataset
-from lightbox.prepare_plan import Plan, execute, plan_for
+from lightbox.prepare_plan import Plan, execute, first_frame, plan_for
 from lightbox.settings import Settings
 from worker.decode_pool import DecodePool
 from worker.shared_decode import Decoder
@@ -278,12 +277,9 @@ class GpuDecoder:
             if str(ds.file_meta.TransferSyntaxUID) not in GPU_SYNTAXES \
                     or int(ds.get("PixelRepresentation", 0) or 0) != 0:
                 return None
-            plan = plan_for(ds, item.manifest)
-            if plan is None:
-                return None
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            codestream = get_frame(ds.PixelData, 0, number_of_frames=frames)
-            return plan, bytes(codestream)
+            codestream = first_frame(ds)
+            plan = plan_for(ds, item.manifest, codestream)
+            return None if plan is None else (plan, codestream)
         except Exception:  # noqa: BLE001 - the CPU path reads it again and reports it
             return None
 
