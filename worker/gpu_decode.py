@@ -239,6 +239,12 @@ class GpuDecoder:
                 items.append(more)
             try:
                 self._batch(items)
+            except Exception:  # noqa: BLE001 - a bug here must not strand the jobs' images
+                log.exception("GPU decode thread failed on a batch; the decode processes "
+                              "take its images")
+                for item in items:
+                    if not item.future.done():
+                        self._to_cpu(item)
             finally:
                 with self._lock:
                     self._waiting -= len(items)

@@ -11,6 +11,8 @@ job, a direct commit) for one-off use such as tests and scripts.
 Every decode goes through :class:`~worker.shared_decode.SharedDecoder`: the jobs of a study
 routed to several models (one job per model) share one decode per image and preprocessing
 spec, and the pipeline is sized to the node (:mod:`worker.layout`) where settings say auto.
+On a node with a GPU and the gpu-decode extra, compressed frames are decoded and prepared on
+the GPU in front of the pool (:mod:`worker.gpu_decode`); the pool takes the rest.
 """
 
 from __future__ import annotations
