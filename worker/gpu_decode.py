@@ -174,10 +174,10 @@ def _cancel_with(source: Future[np.ndarray], target: Future[np.ndarray]) -> None
 class GpuDecoder:
     """``submit(path, manifest) -> Future[tensor]`` like the decode pool, the GPU first.
 
-    One thread feeds the GPU: it takes up to ``batch`` queued images, reads their frames,
-    decodes them in one nvImageCodec call and prepares each on the device. Whatever it cannot
-    do goes to ``cpu`` (the decode pool), which also does every call :meth:`submit_call`
-    passes on (volume slices)."""
+    One thread reads: it takes up to ``batch`` queued images and reads each file's header and
+    compressed frame; another decodes each read batch in one nvImageCodec call and prepares
+    each image on the device. Whatever they cannot do goes to ``cpu`` (the decode pool), which
+    also does every call :meth:`submit_call` passes on (volume slices)."""
 
     def __init__(self, cpu: Decoder, backend: GpuBackend, max_queue: int = GPU_QUEUE,
                  batch: int = GPU_BATCH) -> None:
@@ -191,8 +191,16 @@ class GpuDecoder:
         self.routed = 0  # images the GPU path does not take (syntax, colour, no plan)
         self.fallbacks = 0  # images the GPU failed on, done by the CPU path instead
         self.overflow = 0  # images sent to the CPU path because the GPU queue was full
-        self._thread = threading.Thread(target=self._run, name="gpu-decode", daemon=True)
-        self._thread.start()
+        # Two threads, so that reading the next batch's files overlaps the GPU's decode of
+        # this one; at most two read batches wait for the GPU.
+        self._ready: queue.Queue[tuple[list[_Item], list[tuple[_Item, Plan, bytes]]] | None] \
+            = queue.Queue(maxsize=2)
+        self._threads = [threading.Thread(target=self._read_loop, name="gpu-decode-read",
+                                          daemon=True),
+                         threading.Thread(target=self._gpu_loop, name="gpu-decode",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, path: str | Path, manifest: Manifest) -> Future[np.ndarray]:
         if manifest.kind != "image" or manifest.volume is not None:
@@ -222,10 +230,13 @@ class GpuDecoder:
         item.future.add_done_callback(lambda target: _cancel_with(source, target))
         source.add_done_callback(lambda done: _chain(item.future, done))
 
-    def _run(self) -> None:
+    def _read_loop(self) -> None:
+        """The reading thread: batches of queued images, each read on the host (header, plan,
+        compressed frame); the others go to the decode processes."""
         while True:
             first = self._queue.get()
             if first is None:
+                self._ready.put(None)
                 return
             items = [first]
             while len(items) < self.batch:
@@ -238,20 +249,43 @@ class GpuDecoder:
                     break
                 items.append(more)
             try:
-                self._batch(items)
+                ready = self._read(items)
             except Exception:  # noqa: BLE001 - a bug here must not strand the jobs' images
-                log.exception("GPU decode thread failed on a batch; the decode processes "
+                log.exception("GPU decode: reading a batch failed; the decode processes "
                               "take its images")
-                for item in items:
-                    if not item.future.done():
-                        self._to_cpu(item)
-            finally:
-                with self._lock:
-                    self._waiting -= len(items)
+                self._rescue(items)
+                ready = []
+            if ready:
+                self._ready.put((items, ready))  # counted out by the GPU thread
+            else:
+                self._done(len(items))
 
-    def _batch(self, items: list[_Item]) -> None:
-        """Read, decode and prepare ``items``; every one ends with a result, an error from the
-        CPU path, or cancelled."""
+    def _gpu_loop(self) -> None:
+        """The GPU thread: decode each read batch in one call, prepare each image."""
+        while True:
+            job = self._ready.get()
+            if job is None:
+                return
+            items, ready = job
+            try:
+                self._decode(ready)
+            except Exception:  # noqa: BLE001 - a bug here must not strand the jobs' images
+                log.exception("GPU decode: a batch failed; the decode processes take its "
+                              "images")
+                self._rescue(items)
+            finally:
+                self._done(len(items))
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            self._waiting -= count
+
+    def _rescue(self, items: list[_Item]) -> None:
+        for item in items:
+            if not item.future.done():
+                self._to_cpu(item)
+
+    def _read(self, items: list[_Item]) -> list[tuple[_Item, Plan, bytes]]:
         ready: list[tuple[_Item, Plan, bytes]] = []
         for item in items:
             if item.future.cancelled():
@@ -263,8 +297,11 @@ class GpuDecoder:
                 self._to_cpu(item)
             else:
                 ready.append((item, *host))
-        if not ready:
-            return
+        return ready
+
+    def _decode(self, ready: list[tuple[_Item, Plan, bytes]]) -> None:
+        """Decode and prepare; every image ends with a result, the CPU path's answer, or
+        cancelled."""
         try:
             frames = self.backend.decode([codestream for _, _, codestream in ready])
             if len(frames) != len(ready):
@@ -319,9 +356,10 @@ class GpuDecoder:
         self.cpu.warm_up()
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        if self._threads[0].is_alive():
             self._queue.put(None)
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
         log.info("GPU decode: %d image(s) on the GPU, %d routed, %d fallback(s), "
                  "%d overflow", self.gpu, self.routed, self.fallbacks, self.overflow)
         self.cpu.close()
