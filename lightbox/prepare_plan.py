@@ -198,8 +198,10 @@ def _reduced_shape(kind: ReduceKind, levels: int, rows: int, columns: int) -> tu
 
 
 def execute(plan: Plan, stored: Any, xp: Any = np) -> Any:
-    """The model input (C, H, W) float32 from the frame's stored values (2-D), computed with
-    the array module ``xp`` (``numpy`` or ``cupy``) on arrays of that module."""
+    """The model input (C, H, W) float32 from the frame's stored values (H × W), computed
+    with the array module ``xp`` (``numpy`` or ``cupy``) on arrays of that module; a stack of
+    frames of one shape (N × H × W) gives (N, C, H, W) in one pass (fewer kernel launches on
+    the GPU)."""
     image = _reduce(plan, stored, xp)
     image *= xp.float32(plan.scale)
     image += xp.float32(plan.offset)
@@ -208,16 +210,18 @@ def execute(plan: Plan, stored: Any, xp: Any = np) -> Any:
         xp.subtract(xp.float32(1.0), image, out=image)
     image = _resize(image, plan, xp)
     image = (image - xp.float32(plan.mean)) / xp.float32(plan.std)
-    return xp.repeat(image[None, :, :], plan.channels, axis=0).astype(xp.float32, copy=False)
+    return xp.repeat(image[..., None, :, :], plan.channels, axis=-3).astype(xp.float32,
+                                                                           copy=False)
 
 
 def _reduce(plan: Plan, stored: Any, xp: Any) -> Any:
     if plan.reduce == "block":
         k = 1 << plan.levels
-        rows, columns = stored.shape[0] // k, stored.shape[1] // k
-        blocks = stored[: rows * k, : columns * k].reshape(rows, k, columns * k)
-        row_sums = blocks.sum(axis=1, dtype=xp.float32)
-        sums = row_sums.reshape(rows, columns, k).sum(axis=2, dtype=xp.float32)
+        lead = stored.shape[:-2]
+        rows, columns = stored.shape[-2] // k, stored.shape[-1] // k
+        blocks = stored[..., : rows * k, : columns * k].reshape(*lead, rows, k, columns * k)
+        row_sums = blocks.sum(axis=-2, dtype=xp.float32)
+        sums = row_sums.reshape(*lead, rows, columns, k).sum(axis=-1, dtype=xp.float32)
         sums *= xp.float32(1.0 / (k * k))
         return sums
     if plan.reduce in ("dwt53", "dwt97"):
@@ -234,12 +238,17 @@ def _low_band(stored: Any, plan: Plan, xp: Any) -> Any:
     if plan.reduce == "dwt53":
         band = stored.astype(xp.int64) - shift
         for _ in range(plan.levels):
-            band = _lift53(_lift53(band, xp).T, xp).T
+            band = _along(_along(band, -2, _lift53, xp), -1, _lift53, xp)
         return xp.clip(band + shift, 0, top)
     band = stored.astype(xp.float64) - shift
     for _ in range(plan.levels):
-        band = _lift97(_lift97(band, xp).T, xp).T
+        band = _along(_along(band, -2, _lift97, xp), -1, _lift97, xp)
     return xp.clip(xp.rint(band) + shift, 0, top)
+
+
+def _along(band: Any, axis: int, lift: Any, xp: Any) -> Any:
+    """``lift`` (which works along axis 0) applied along ``axis``."""
+    return xp.moveaxis(lift(xp.moveaxis(band, axis, 0), xp), 0, axis)
 
 
 def _extend(x: Any, n: int, xp: Any) -> Any:
@@ -307,15 +316,15 @@ def resize_weights(source: int, target: int, name: str) -> np.ndarray:
 
 def _resize(image: Any, plan: Plan, xp: Any) -> Any:
     height, width = plan.inner
-    if image.shape[1] != width:  # Pillow: the horizontal pass first, float32 in between
-        weights = xp.asarray(resize_weights(image.shape[1], width, plan.resample))
+    if image.shape[-1] != width:  # Pillow: the horizontal pass first, float32 in between
+        weights = xp.asarray(resize_weights(image.shape[-1], width, plan.resample))
         image = (image.astype(xp.float64) @ weights.T).astype(xp.float32)
-    if image.shape[0] != height:
-        weights = xp.asarray(resize_weights(image.shape[0], height, plan.resample))
+    if image.shape[-2] != height:
+        weights = xp.asarray(resize_weights(image.shape[-2], height, plan.resample))
         image = (weights @ image.astype(xp.float64)).astype(xp.float32)
     if plan.inner == plan.size:
         return image
-    out = xp.zeros(plan.size, xp.float32)
+    out = xp.zeros((*image.shape[:-2], *plan.size), xp.float32)
     top, left = (plan.size[0] - height) // 2, (plan.size[1] - width) // 2
-    out[top : top + height, left : left + width] = image
+    out[..., top : top + height, left : left + width] = image
     return out

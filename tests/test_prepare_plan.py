@@ -128,3 +128,18 @@ def test_a_frame_declaring_another_size_is_refused() -> None:
     ds.Rows = 100
     with pytest.raises(PixelDecodeError, match="refused"):
         plan_for(ds, manifest())
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"])
+def test_a_stack_of_frames_prepares_as_each_frame(name: str) -> None:
+    """The GPU prepares frames of one shape and plan together: the same tensors."""
+    ds = read_dataset(get_testdata_file(name))
+    full = _decode_full(ds)
+    other = full[::-1].copy()  # a second image of the same shape
+    for spec in (manifest(), manifest(64, 64, 3), manifest(224, 160, keep_aspect=True)):
+        plan = plan_for(ds, spec)
+        assert plan is not None
+        stacked = execute(plan, np.stack([full, other]), np)
+        assert stacked.shape == (2, *execute(plan, full, np).shape)
+        for one, frame in zip(stacked, (full, other), strict=True):
+            assert float(np.abs(one - execute(plan, frame, np)).max()) <= 1e-6

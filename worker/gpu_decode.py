@@ -102,8 +102,9 @@ class GpuBackend(Protocol):
         """Each frame decoded (a 2-D or H×W×1 device array), None where it could not be."""
         ...
 
-    def prepare(self, plan: Plan, frame: Any) -> np.ndarray:
-        """The plan run on the device; the model tensor back on the host."""
+    def prepare(self, plan: Plan, frames: list[Any]) -> np.ndarray:
+        """The plan run on the device over 2-D frames of one shape; the model tensors
+        (N, C, H, W) back on the host."""
         ...
 
     def warm_up(self) -> None: ...
@@ -136,11 +137,12 @@ class NvImageCodecBackend:
                     frames.append(cupy.asarray(np.asarray(image)))
             return frames
 
-    def prepare(self, plan: Plan, frame: Any) -> np.ndarray:
+    def prepare(self, plan: Plan, frames: list[Any]) -> np.ndarray:
         cupy = self._cupy
         with cupy.cuda.Device(self.device):
-            tensor: np.ndarray = cupy.asnumpy(execute(plan, frame, cupy))
-            return tensor
+            stack = frames[0][None] if len(frames) == 1 else cupy.stack(frames)
+            tensors: np.ndarray = cupy.asnumpy(execute(plan, stack, cupy))
+            return tensors
 
     def warm_up(self) -> None:
         with self._cupy.cuda.Device(self.device):
@@ -310,8 +312,17 @@ class GpuDecoder:
             log.warning("GPU decode of %d image(s) failed (%s); the decode processes take them",
                         len(ready), type(exc).__name__)
             frames = [None] * len(ready)
+        # Frames of one shape and plan (a scanner's images for one model) are prepared
+        # together: one pass of kernels for the group instead of one per image.
+        groups: dict[tuple[Plan, tuple[int, ...]], list[tuple[_Item, Any]]] = {}
         for (item, plan, _), frame in zip(ready, frames, strict=True):
-            self._finish(item, plan, frame)
+            flat = _flat(frame)
+            if flat is None:
+                self._fall_back(item, RuntimeError("nvImageCodec returned no 2-D image"))
+            else:
+                groups.setdefault((plan, tuple(flat.shape)), []).append((item, flat))
+        for (plan, _), members in groups.items():
+            self._prepare(plan, members)
 
     def _host_side(self, item: _Item) -> tuple[Plan, bytes] | None:
         """The plan and the compressed first frame, or None for the CPU path."""
@@ -326,27 +337,27 @@ class GpuDecoder:
         except Exception:  # noqa: BLE001 - the CPU path reads it again and reports it
             return None
 
-    def _finish(self, item: _Item, plan: Plan, frame: Any | None) -> None:
+    def _prepare(self, plan: Plan, members: list[tuple[_Item, Any]]) -> None:
         try:
-            if frame is None:
-                raise RuntimeError("nvImageCodec returned no image")
-            if frame.ndim == 3 and frame.shape[2] == 1:
-                frame = frame.reshape(frame.shape[0], frame.shape[1])
-            if frame.ndim != 2:
-                raise RuntimeError(f"decoded frame shaped {tuple(frame.shape)}")
-            tensor = self.backend.prepare(plan, frame)
-        except Exception as exc:  # noqa: BLE001 - per image: the CPU path takes it
-            with self._lock:
-                self.fallbacks += 1
-            log.warning("GPU path failed on an image (%s: %s); the decode processes take it",
-                        type(exc).__name__, exc)
-            self._to_cpu(item)
+            tensors = self.backend.prepare(plan, [frame for _, frame in members])
+            if len(tensors) != len(members):
+                raise RuntimeError(f"{len(tensors)} tensors for {len(members)} frames")
+        except Exception as exc:  # noqa: BLE001 - per image: the CPU path takes them
+            for item, _ in members:
+                self._fall_back(item, exc)
             return
-        if not item.future.set_running_or_notify_cancel():
-            return
+        for (item, _), tensor in zip(members, tensors, strict=True):
+            if item.future.set_running_or_notify_cancel():
+                with self._lock:
+                    self.gpu += 1
+                item.future.set_result(tensor.copy())  # not a view holding the whole batch
+
+    def _fall_back(self, item: _Item, exc: BaseException) -> None:
         with self._lock:
-            self.gpu += 1
-        item.future.set_result(tensor)
+            self.fallbacks += 1
+        log.warning("GPU path failed on an image (%s: %s); the decode processes take it",
+                    type(exc).__name__, exc)
+        self._to_cpu(item)
 
     def submit_call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         return self.cpu.submit_call(fn, *args)
@@ -363,6 +374,15 @@ class GpuDecoder:
         log.info("GPU decode: %d image(s) on the GPU, %d routed, %d fallback(s), "
                  "%d overflow", self.gpu, self.routed, self.fallbacks, self.overflow)
         self.cpu.close()
+
+
+def _flat(frame: Any | None) -> Any | None:
+    """A decoded frame as 2-D (nvImageCodec gives H × W × 1 for grayscale), else None."""
+    if frame is None:
+        return None
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame.reshape(frame.shape[0], frame.shape[1])
+    return frame if frame.ndim == 2 else None
 
 
 def make_decoder(settings: Settings, cpu: Decoder | None = None,
