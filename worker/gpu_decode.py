@@ -65,7 +65,10 @@ GPU_SYNTAXES = frozenset({
     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
 })
 GPU_BATCH = 32  # frames per nvImageCodec call: its throughput grows with the batch
-GPU_QUEUE = 128  # images waiting for the GPU past which the next goes to the decode processes
+# Images waiting for (or on) the GPU past which the next goes to the decode processes: one
+# batch decoding and one read ahead keep the GPU busy; more would only wait there while the
+# processes idle (a GPU node keeps ~120 images in flight: worker.layout).
+GPU_QUEUE = 2 * GPU_BATCH
 
 Importer = Callable[[str], ModuleType]
 
