@@ -22,7 +22,7 @@ from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
 from lightbox.prepare_plan import Plan, execute
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings, load_settings
-from tests.scoring_helpers import scores, scoring_model
+from tests.gpu_helpers import htj2k_copy, scores, scoring_model
 from worker.decode_pool import InlineDecoder
 from worker.gpu_decode import GpuDecoder, make_decoder, probe
 
@@ -229,5 +229,19 @@ def test_frames_of_one_shape_are_prepared_together() -> None:
             assert tensor.base is None  # its own array, not a view of the batch
             assert float(np.abs(tensor - expected).max()) <= 1e-5
         assert decoder.gpu == 8 and backend.prepare_calls < 8
+    finally:
+        decoder.close()
+
+
+def test_htj2k_takes_the_gpu_path(tmp_path: Path) -> None:
+    """HTJ2K (no reduced decode on either path: full decode, then block means)."""
+    path = str(htj2k_copy(tmp_path / "htj2k.dcm"))
+    decoder = GpuDecoder(InlineDecoder(), HostBackend())
+    try:
+        m = manifest()
+        tensor = decoder.submit(path, m).result(timeout=60)
+        assert decoder.gpu == 1
+        assert float(np.abs(tensor - prepare_file(path, m)).max()) <= 1e-5
+        assert float(np.abs(tensor - prepare_file(UNCOMPRESSED, m)).max()) <= 1e-5
     finally:
         decoder.close()
