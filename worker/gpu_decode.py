@@ -29,6 +29,12 @@ input needs; nvImageCodec has no such decode, so the GPU decodes in full and tak
 low-pass band with the forward wavelet (:mod:`lightbox.prepare_plan`): equal for reversible
 (lossless) streams, within a stored unit for irreversible ones.
 
+Why not nvImageCodec's pydicom plugin (``nvidia.nvimgcodec.tools.dicom.pydicom_plugin``): it
+makes ``pixel_array`` decode on the GPU one frame per call and copies each full frame back to
+the host, where windowing and resizing would again run on a core; here frames are decoded in
+batches and stay on the device until they are the model's tensor. Its choices are kept: the
+same transfer syntaxes, native bit depth, colour left unchanged.
+
 CuPy and nvImageCodec are imported only here and only when probed: this module imports on any
 node, and the worker never imports torch.
 """
@@ -64,7 +70,9 @@ GPU_SYNTAXES = frozenset({
     "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
 })
-GPU_BATCH = 32  # frames per nvImageCodec call: its throughput grows with the batch
+# Frames per nvImageCodec call: its throughput grows with the batch (issue 18, the J2K CR on
+# an H200: 52, 168, 222 img/s at 1, 8, 64) and the overflow threshold below follows it.
+GPU_BATCH = 32
 # Images waiting for (or on) the GPU past which the next goes to the decode processes: one
 # batch decoding and one read ahead keep the GPU busy; more would only wait there while the
 # processes idle (a GPU node keeps ~120 images in flight: worker.layout).
