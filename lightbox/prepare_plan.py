@@ -35,6 +35,7 @@ returns ``None`` for everything else and that image takes the CPU path. The step
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -43,9 +44,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
+from lightbox.errors import PixelDecodeError
 from lightbox.j2k_reduced import JPEG2000_SYNTAXES, read_header, reduction_for
+from lightbox.limits import J2K_SYNTAXES, LimitExceeded, check_j2k_frame
 from lightbox.manifest import Manifest
-from lightbox.pixels import _check_declared_size, _has_lut, _window_range, linear_window
+from lightbox.pixels import _has_lut, _window_range, linear_window
 
 # The 9/7 lifting constants and gain of ISO 15444-1 Annex F (as openjpeg uses them).
 _ALPHA, _BETA = -1.586134342059924, -0.052980118572961
@@ -75,10 +78,40 @@ class Plan:
     channels: int
 
 
-def plan_for(ds: Dataset, manifest: Manifest) -> Plan | None:
+def first_frame(ds: Dataset) -> bytes:
+    """The first frame of encapsulated pixel data (its fragments joined).
+
+    Why not only pydicom's ``get_frame``: it reads each fragment through a ``BytesIO`` (a
+    JPEG 2000 chest CR comes in hundreds of fragments), ~3 ms per call where a walk over the
+    items is a small fraction of that; on a GPU node the thread that feeds the GPU does this
+    for every image. A single-frame data set's fragments after the Basic Offset Table are its
+    frame (PS3.5 A.4); anything else, or items that do not parse, go to ``get_frame``."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    data = ds.PixelData
+    if frames == 1:
+        view, position = memoryview(data), 0
+        parts: list[memoryview] = []
+        while position + 8 <= len(view):
+            group, element, length = struct.unpack_from("<HHI", view, position)
+            position += 8
+            if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimiter
+                break
+            if (group, element) != (0xFFFE, 0xE000) or position + length > len(view):
+                parts = []
+                break
+            if position > 8:  # the first item is the Basic Offset Table
+                parts.append(view[position : position + length])
+            position += length
+        if parts:
+            return b"".join(parts)
+    return bytes(get_frame(data, 0, number_of_frames=frames))
+
+
+def plan_for(ds: Dataset, manifest: Manifest, frame: bytes | None = None) -> Plan | None:
     """The plan that prepares ``ds``'s first frame exactly as :func:`prepare_file` would, or
     ``None`` when the image must take the CPU path (not a 2-D grayscale image model, a LUT or
     non-linear window, percentiles, colour, a JPEG 2000 stream this module cannot mirror).
+    ``frame``: the compressed first frame when the caller has it (:func:`first_frame`).
     Raises :class:`~lightbox.errors.PixelDecodeError` for a frame the CPU path refuses too."""
     spec, inp = manifest.preprocessing, manifest.input
     if manifest.kind != "image" or manifest.volume is not None or spec.voi != "window":
@@ -90,9 +123,15 @@ def plan_for(ds: Dataset, manifest: Manifest) -> Plan | None:
     linear = linear_window(ds)
     if linear is None:
         return None
-    _check_declared_size(ds)
     rows, columns = int(ds.Rows), int(ds.Columns)
-    reduced = _reduction(ds, inp.height, inp.width)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    if syntax in J2K_SYNTAXES:
+        frame = frame if frame is not None else first_frame(ds)
+        try:  # as lightbox.pixels._check_declared_size: the decoder allocates what it says
+            check_j2k_frame(frame, rows, columns, 1)
+        except LimitExceeded as exc:
+            raise PixelDecodeError(f"refused {ds.get('SOPInstanceUID', '?')}: {exc}") from exc
+    reduced = _reduction(ds, frame, inp.height, inp.width)
     if reduced is None:
         return None
     kind, levels, precision = reduced
@@ -116,20 +155,17 @@ def plan_for(ds: Dataset, manifest: Manifest) -> Plan | None:
                 std=spec.std, channels=inp.channels)
 
 
-def _reduction(ds: Dataset, height: int, width: int) -> tuple[ReduceKind, int, int] | None:
+def _reduction(ds: Dataset, frame: bytes | None, height: int,
+               width: int) -> tuple[ReduceKind, int, int] | None:
     """("dwt53" | "dwt97", r, precision) where the CPU path decodes JPEG 2000 at level r
     (the conditions of :func:`lightbox.pixels._decode_reduced` and
     :func:`lightbox.j2k_reduced.decode_reduced`), ("none", 0, 0) where it decodes in full, or
     None where this module cannot compute that level's band (tiles, image offsets)."""
     syntax = str(ds.file_meta.TransferSyntaxUID)
     if syntax not in JPEG2000_SYNTAXES or int(ds.get("PixelRepresentation", 0) or 0) != 0 \
-            or int(ds.get("BitsAllocated", 16) or 16) != 16:
+            or int(ds.get("BitsAllocated", 16) or 16) != 16 or frame is None:
         return "none", 0, 0
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        header = read_header(get_frame(ds.PixelData, 0, number_of_frames=frames))
-    except Exception:  # noqa: BLE001 - the CPU path reads the same frame and reports it
-        return None
+    header = read_header(frame)
     if header is None or (header.height, header.width) != (int(ds.Rows), int(ds.Columns)) \
             or header.precision != int(ds.BitsStored) or header.components != 1 \
             or header.signed or not 8 < header.precision <= 16:
@@ -162,8 +198,10 @@ def _reduced_shape(kind: ReduceKind, levels: int, rows: int, columns: int) -> tu
 
 
 def execute(plan: Plan, stored: Any, xp: Any = np) -> Any:
-    """The model input (C, H, W) float32 from the frame's stored values (2-D), computed with
-    the array module ``xp`` (``numpy`` or ``cupy``) on arrays of that module."""
+    """The model input (C, H, W) float32 from the frame's stored values (H × W), computed
+    with the array module ``xp`` (``numpy`` or ``cupy``) on arrays of that module; a stack of
+    frames of one shape (N × H × W) gives (N, C, H, W) in one pass (fewer kernel launches on
+    the GPU)."""
     image = _reduce(plan, stored, xp)
     image *= xp.float32(plan.scale)
     image += xp.float32(plan.offset)
@@ -172,16 +210,18 @@ def execute(plan: Plan, stored: Any, xp: Any = np) -> Any:
         xp.subtract(xp.float32(1.0), image, out=image)
     image = _resize(image, plan, xp)
     image = (image - xp.float32(plan.mean)) / xp.float32(plan.std)
-    return xp.repeat(image[None, :, :], plan.channels, axis=0).astype(xp.float32, copy=False)
+    return xp.repeat(image[..., None, :, :], plan.channels, axis=-3).astype(xp.float32,
+                                                                           copy=False)
 
 
 def _reduce(plan: Plan, stored: Any, xp: Any) -> Any:
     if plan.reduce == "block":
         k = 1 << plan.levels
-        rows, columns = stored.shape[0] // k, stored.shape[1] // k
-        blocks = stored[: rows * k, : columns * k].reshape(rows, k, columns * k)
-        row_sums = blocks.sum(axis=1, dtype=xp.float32)
-        sums = row_sums.reshape(rows, columns, k).sum(axis=2, dtype=xp.float32)
+        lead = stored.shape[:-2]
+        rows, columns = stored.shape[-2] // k, stored.shape[-1] // k
+        blocks = stored[..., : rows * k, : columns * k].reshape(*lead, rows, k, columns * k)
+        row_sums = blocks.sum(axis=-2, dtype=xp.float32)
+        sums = row_sums.reshape(*lead, rows, columns, k).sum(axis=-1, dtype=xp.float32)
         sums *= xp.float32(1.0 / (k * k))
         return sums
     if plan.reduce in ("dwt53", "dwt97"):
@@ -198,12 +238,17 @@ def _low_band(stored: Any, plan: Plan, xp: Any) -> Any:
     if plan.reduce == "dwt53":
         band = stored.astype(xp.int64) - shift
         for _ in range(plan.levels):
-            band = _lift53(_lift53(band, xp).T, xp).T
+            band = _along(_along(band, -2, _lift53, xp), -1, _lift53, xp)
         return xp.clip(band + shift, 0, top)
     band = stored.astype(xp.float64) - shift
     for _ in range(plan.levels):
-        band = _lift97(_lift97(band, xp).T, xp).T
+        band = _along(_along(band, -2, _lift97, xp), -1, _lift97, xp)
     return xp.clip(xp.rint(band) + shift, 0, top)
+
+
+def _along(band: Any, axis: int, lift: Any, xp: Any) -> Any:
+    """``lift`` (which works along axis 0) applied along ``axis``."""
+    return xp.moveaxis(lift(xp.moveaxis(band, axis, 0), xp), 0, axis)
 
 
 def _extend(x: Any, n: int, xp: Any) -> Any:
@@ -271,15 +316,15 @@ def resize_weights(source: int, target: int, name: str) -> np.ndarray:
 
 def _resize(image: Any, plan: Plan, xp: Any) -> Any:
     height, width = plan.inner
-    if image.shape[1] != width:  # Pillow: the horizontal pass first, float32 in between
-        weights = xp.asarray(resize_weights(image.shape[1], width, plan.resample))
+    if image.shape[-1] != width:  # Pillow: the horizontal pass first, float32 in between
+        weights = xp.asarray(resize_weights(image.shape[-1], width, plan.resample))
         image = (image.astype(xp.float64) @ weights.T).astype(xp.float32)
-    if image.shape[0] != height:
-        weights = xp.asarray(resize_weights(image.shape[0], height, plan.resample))
+    if image.shape[-2] != height:
+        weights = xp.asarray(resize_weights(image.shape[-2], height, plan.resample))
         image = (weights @ image.astype(xp.float64)).astype(xp.float32)
     if plan.inner == plan.size:
         return image
-    out = xp.zeros(plan.size, xp.float32)
+    out = xp.zeros((*image.shape[:-2], *plan.size), xp.float32)
     top, left = (plan.size[0] - height) // 2, (plan.size[1] - width) // 2
-    out[top : top + height, left : left + width] = image
+    out[..., top : top + height, left : left + width] = image
     return out

@@ -22,7 +22,7 @@ from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
 from lightbox.prepare_plan import Plan, execute
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings, load_settings
-from tests.scoring_helpers import scores, scoring_model
+from tests.gpu_helpers import htj2k_copy, scores, scoring_model
 from worker.decode_pool import InlineDecoder
 from worker.gpu_decode import GpuDecoder, make_decoder, probe
 
@@ -60,11 +60,11 @@ class HostBackend:
 
         return [decode(c) for c in codestreams]
 
-    def prepare(self, plan: Plan, frame: Any) -> np.ndarray:
+    def prepare(self, plan: Plan, frames: list[Any]) -> np.ndarray:
         self.prepare_calls += 1
         if self.prepare_calls in self.broken:
             raise MemoryError("out of device memory")
-        out: np.ndarray = execute(plan, frame, np)
+        out: np.ndarray = execute(plan, np.stack(frames), np)
         return out
 
     def warm_up(self) -> None:
@@ -212,5 +212,36 @@ def test_overflow_goes_to_the_decode_processes() -> None:
         for future in futures:
             assert float(np.abs(future.result(timeout=60) - expected).max()) <= 1e-5
         assert decoder.gpu == 2
+    finally:
+        decoder.close()
+
+
+def test_frames_of_one_shape_are_prepared_together() -> None:
+    backend = HostBackend()
+    decoder = GpuDecoder(InlineDecoder(), backend)
+    try:
+        m = manifest()
+        small = get_testdata_file("MR2_J2KR.dcm")  # 1024², quicker to decode than the CR
+        futures = [decoder.submit(small, m) for _ in range(8)]
+        expected = prepare_file(small, m)
+        for future in futures:
+            tensor = future.result(timeout=60)
+            assert tensor.base is None  # its own array, not a view of the batch
+            assert float(np.abs(tensor - expected).max()) <= 1e-5
+        assert decoder.gpu == 8 and backend.prepare_calls < 8
+    finally:
+        decoder.close()
+
+
+def test_htj2k_takes_the_gpu_path(tmp_path: Path) -> None:
+    """HTJ2K (no reduced decode on either path: full decode, then block means)."""
+    path = str(htj2k_copy(tmp_path / "htj2k.dcm"))
+    decoder = GpuDecoder(InlineDecoder(), HostBackend())
+    try:
+        m = manifest()
+        tensor = decoder.submit(path, m).result(timeout=60)
+        assert decoder.gpu == 1
+        assert float(np.abs(tensor - prepare_file(path, m)).max()) <= 1e-5
+        assert float(np.abs(tensor - prepare_file(UNCOMPRESSED, m)).max()) <= 1e-5
     finally:
         decoder.close()

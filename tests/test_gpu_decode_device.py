@@ -17,7 +17,7 @@ from lightbox.pixels import _decode_full, read_dataset
 from lightbox.prepare_plan import execute, plan_for
 from lightbox.preprocess import prepare_file
 from lightbox.settings import Settings
-from tests.scoring_helpers import scores, scoring_model
+from tests.gpu_helpers import htj2k_copy, scores, scoring_model
 from worker.decode_pool import InlineDecoder
 from worker.gpu_decode import GpuDecoder, NvImageCodecBackend, make_decoder, probe
 
@@ -73,6 +73,18 @@ def test_scores_equal_the_cpu_path_on_real_crs(tmp_path: Path) -> None:
                                   channels=spec.input.channels)
             assert float(np.abs(scores(model, gpu) - scores(model, cpu)).max()) < 1e-3
         assert decoder.gpu == 6 and decoder.fallbacks == 0
+    finally:
+        decoder.close()
+
+
+def test_htj2k_on_the_gpu_equals_the_cpu_path(tmp_path: Path) -> None:
+    pytest.importorskip("imagecodecs", reason="imagecodecs (OpenJPH) encodes the HTJ2K copy")
+    path = str(htj2k_copy(tmp_path / "htj2k.dcm"))
+    decoder = GpuDecoder(InlineDecoder(), NvImageCodecBackend(0))
+    try:
+        tensor = decoder.submit(path, manifest()).result(timeout=120)
+        assert decoder.gpu == 1 and decoder.fallbacks == 0
+        assert float(np.abs(tensor - prepare_file(path, manifest())).max()) <= 1e-5
     finally:
         decoder.close()
 

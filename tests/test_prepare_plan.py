@@ -14,10 +14,11 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import get_frame
 
+from lightbox.errors import PixelDecodeError
 from lightbox.j2k_reduced import decode_reduced, read_header
 from lightbox.manifest import InputSpec, Manifest, PreprocessSpec
 from lightbox.pixels import _decode_full, read_dataset
-from lightbox.prepare_plan import _low_band, execute, plan_for, resize_weights
+from lightbox.prepare_plan import _low_band, execute, first_frame, plan_for, resize_weights
 from lightbox.preprocess import prepare_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -110,3 +111,35 @@ def test_no_plan_where_the_cpu_path_does_something_else() -> None:
     no_window = read_dataset(get_testdata_file("RG1_UNCR.dcm"))
     del no_window.WindowCenter
     assert plan_for(no_window, manifest()) is None
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "RG1_J2KI.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm",
+                                  "emri_small_jpeg_2k_lossless.dcm"])
+def test_first_frame_is_pydicoms(name: str) -> None:
+    """The fast walk over the items gives pydicom's frame (single- and multi-frame files)."""
+    ds = read_dataset(get_testdata_file(name))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    assert first_frame(ds) == get_frame(ds.PixelData, 0, number_of_frames=frames)
+
+
+def test_a_frame_declaring_another_size_is_refused() -> None:
+    """As on the CPU path: the decoder would allocate what the codestream says."""
+    ds = read_dataset(get_testdata_file("RG1_J2KR.dcm"))
+    ds.Rows = 100
+    with pytest.raises(PixelDecodeError, match="refused"):
+        plan_for(ds, manifest())
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"])
+def test_a_stack_of_frames_prepares_as_each_frame(name: str) -> None:
+    """The GPU prepares frames of one shape and plan together: the same tensors."""
+    ds = read_dataset(get_testdata_file(name))
+    full = _decode_full(ds)
+    other = full[::-1].copy()  # a second image of the same shape
+    for spec in (manifest(), manifest(64, 64, 3), manifest(224, 160, keep_aspect=True)):
+        plan = plan_for(ds, spec)
+        assert plan is not None
+        stacked = execute(plan, np.stack([full, other]), np)
+        assert stacked.shape == (2, *execute(plan, full, np).shape)
+        for one, frame in zip(stacked, (full, other), strict=True):
+            assert float(np.abs(one - execute(plan, frame, np)).max()) <= 1e-6

@@ -29,6 +29,12 @@ input needs; nvImageCodec has no such decode, so the GPU decodes in full and tak
 low-pass band with the forward wavelet (:mod:`lightbox.prepare_plan`): equal for reversible
 (lossless) streams, within a stored unit for irreversible ones.
 
+Why not nvImageCodec's pydicom plugin (``nvidia.nvimgcodec.tools.dicom.pydicom_plugin``): it
+makes ``pixel_array`` decode on the GPU one frame per call and copies each full frame back to
+the host, where windowing and resizing would again run on a core; here frames are decoded in
+batches and stay on the device until they are the model's tensor. Its choices are kept: the
+same transfer syntaxes, native bit depth, colour left unchanged.
+
 CuPy and nvImageCodec are imported only here and only when probed: this module imports on any
 node, and the worker never imports torch.
 """
@@ -47,11 +53,10 @@ from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
-from pydicom.encaps import get_frame
 
 from lightbox.manifest import Manifest
 from lightbox.pixels import read_dataset
-from lightbox.prepare_plan import Plan, execute, plan_for
+from lightbox.prepare_plan import Plan, execute, first_frame, plan_for
 from lightbox.settings import Settings
 from worker.decode_pool import DecodePool
 from worker.shared_decode import Decoder
@@ -65,8 +70,13 @@ GPU_SYNTAXES = frozenset({
     "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
 })
-GPU_BATCH = 32  # frames per nvImageCodec call: its throughput grows with the batch
-GPU_QUEUE = 128  # images waiting for the GPU past which the next goes to the decode processes
+# Frames per nvImageCodec call: its throughput grows with the batch (issue 18, the J2K CR on
+# an H200: 52, 168, 222 img/s at 1, 8, 64) and the overflow threshold below follows it.
+GPU_BATCH = 32
+# Images waiting for (or on) the GPU past which the next goes to the decode processes: one
+# batch decoding and one read ahead keep the GPU busy; more would only wait there while the
+# processes idle (a GPU node keeps ~120 images in flight: worker.layout).
+GPU_QUEUE = 2 * GPU_BATCH
 
 Importer = Callable[[str], ModuleType]
 
@@ -103,8 +113,9 @@ class GpuBackend(Protocol):
         """Each frame decoded (a 2-D or H×W×1 device array), None where it could not be."""
         ...
 
-    def prepare(self, plan: Plan, frame: Any) -> np.ndarray:
-        """The plan run on the device; the model tensor back on the host."""
+    def prepare(self, plan: Plan, frames: list[Any]) -> np.ndarray:
+        """The plan run on the device over 2-D frames of one shape; the model tensors
+        (N, C, H, W) back on the host."""
         ...
 
     def warm_up(self) -> None: ...
@@ -137,11 +148,12 @@ class NvImageCodecBackend:
                     frames.append(cupy.asarray(np.asarray(image)))
             return frames
 
-    def prepare(self, plan: Plan, frame: Any) -> np.ndarray:
+    def prepare(self, plan: Plan, frames: list[Any]) -> np.ndarray:
         cupy = self._cupy
         with cupy.cuda.Device(self.device):
-            tensor: np.ndarray = cupy.asnumpy(execute(plan, frame, cupy))
-            return tensor
+            stack = frames[0][None] if len(frames) == 1 else cupy.stack(frames)
+            tensors: np.ndarray = cupy.asnumpy(execute(plan, stack, cupy))
+            return tensors
 
     def warm_up(self) -> None:
         with self._cupy.cuda.Device(self.device):
@@ -175,10 +187,10 @@ def _cancel_with(source: Future[np.ndarray], target: Future[np.ndarray]) -> None
 class GpuDecoder:
     """``submit(path, manifest) -> Future[tensor]`` like the decode pool, the GPU first.
 
-    One thread feeds the GPU: it takes up to ``batch`` queued images, reads their frames,
-    decodes them in one nvImageCodec call and prepares each on the device. Whatever it cannot
-    do goes to ``cpu`` (the decode pool), which also does every call :meth:`submit_call`
-    passes on (volume slices)."""
+    One thread reads: it takes up to ``batch`` queued images and reads each file's header and
+    compressed frame; another decodes each read batch in one nvImageCodec call and prepares
+    each image on the device. Whatever they cannot do goes to ``cpu`` (the decode pool), which
+    also does every call :meth:`submit_call` passes on (volume slices)."""
 
     def __init__(self, cpu: Decoder, backend: GpuBackend, max_queue: int = GPU_QUEUE,
                  batch: int = GPU_BATCH) -> None:
@@ -192,8 +204,16 @@ class GpuDecoder:
         self.routed = 0  # images the GPU path does not take (syntax, colour, no plan)
         self.fallbacks = 0  # images the GPU failed on, done by the CPU path instead
         self.overflow = 0  # images sent to the CPU path because the GPU queue was full
-        self._thread = threading.Thread(target=self._run, name="gpu-decode", daemon=True)
-        self._thread.start()
+        # Two threads, so that reading the next batch's files overlaps the GPU's decode of
+        # this one; at most two read batches wait for the GPU.
+        self._ready: queue.Queue[tuple[list[_Item], list[tuple[_Item, Plan, bytes]]] | None] \
+            = queue.Queue(maxsize=2)
+        self._threads = [threading.Thread(target=self._read_loop, name="gpu-decode-read",
+                                          daemon=True),
+                         threading.Thread(target=self._gpu_loop, name="gpu-decode",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, path: str | Path, manifest: Manifest) -> Future[np.ndarray]:
         if manifest.kind != "image" or manifest.volume is not None:
@@ -223,10 +243,13 @@ class GpuDecoder:
         item.future.add_done_callback(lambda target: _cancel_with(source, target))
         source.add_done_callback(lambda done: _chain(item.future, done))
 
-    def _run(self) -> None:
+    def _read_loop(self) -> None:
+        """The reading thread: batches of queued images, each read on the host (header, plan,
+        compressed frame); the others go to the decode processes."""
         while True:
             first = self._queue.get()
             if first is None:
+                self._ready.put(None)
                 return
             items = [first]
             while len(items) < self.batch:
@@ -239,14 +262,43 @@ class GpuDecoder:
                     break
                 items.append(more)
             try:
-                self._batch(items)
-            finally:
-                with self._lock:
-                    self._waiting -= len(items)
+                ready = self._read(items)
+            except Exception:  # noqa: BLE001 - a bug here must not strand the jobs' images
+                log.exception("GPU decode: reading a batch failed; the decode processes "
+                              "take its images")
+                self._rescue(items)
+                ready = []
+            if ready:
+                self._ready.put((items, ready))  # counted out by the GPU thread
+            else:
+                self._done(len(items))
 
-    def _batch(self, items: list[_Item]) -> None:
-        """Read, decode and prepare ``items``; every one ends with a result, an error from the
-        CPU path, or cancelled."""
+    def _gpu_loop(self) -> None:
+        """The GPU thread: decode each read batch in one call, prepare each image."""
+        while True:
+            job = self._ready.get()
+            if job is None:
+                return
+            items, ready = job
+            try:
+                self._decode(ready)
+            except Exception:  # noqa: BLE001 - a bug here must not strand the jobs' images
+                log.exception("GPU decode: a batch failed; the decode processes take its "
+                              "images")
+                self._rescue(items)
+            finally:
+                self._done(len(items))
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            self._waiting -= count
+
+    def _rescue(self, items: list[_Item]) -> None:
+        for item in items:
+            if not item.future.done():
+                self._to_cpu(item)
+
+    def _read(self, items: list[_Item]) -> list[tuple[_Item, Plan, bytes]]:
         ready: list[tuple[_Item, Plan, bytes]] = []
         for item in items:
             if item.future.cancelled():
@@ -258,8 +310,11 @@ class GpuDecoder:
                 self._to_cpu(item)
             else:
                 ready.append((item, *host))
-        if not ready:
-            return
+        return ready
+
+    def _decode(self, ready: list[tuple[_Item, Plan, bytes]]) -> None:
+        """Decode and prepare; every image ends with a result, the CPU path's answer, or
+        cancelled."""
         try:
             frames = self.backend.decode([codestream for _, _, codestream in ready])
             if len(frames) != len(ready):
@@ -268,8 +323,17 @@ class GpuDecoder:
             log.warning("GPU decode of %d image(s) failed (%s); the decode processes take them",
                         len(ready), type(exc).__name__)
             frames = [None] * len(ready)
+        # Frames of one shape and plan (a scanner's images for one model) are prepared
+        # together: one pass of kernels for the group instead of one per image.
+        groups: dict[tuple[Plan, tuple[int, ...]], list[tuple[_Item, Any]]] = {}
         for (item, plan, _), frame in zip(ready, frames, strict=True):
-            self._finish(item, plan, frame)
+            flat = _flat(frame)
+            if flat is None:
+                self._fall_back(item, RuntimeError("nvImageCodec returned no 2-D image"))
+            else:
+                groups.setdefault((plan, tuple(flat.shape)), []).append((item, flat))
+        for (plan, _), members in groups.items():
+            self._prepare(plan, members)
 
     def _host_side(self, item: _Item) -> tuple[Plan, bytes] | None:
         """The plan and the compressed first frame, or None for the CPU path."""
@@ -278,36 +342,33 @@ class GpuDecoder:
             if str(ds.file_meta.TransferSyntaxUID) not in GPU_SYNTAXES \
                     or int(ds.get("PixelRepresentation", 0) or 0) != 0:
                 return None
-            plan = plan_for(ds, item.manifest)
-            if plan is None:
-                return None
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            codestream = get_frame(ds.PixelData, 0, number_of_frames=frames)
-            return plan, bytes(codestream)
+            codestream = first_frame(ds)
+            plan = plan_for(ds, item.manifest, codestream)
+            return None if plan is None else (plan, codestream)
         except Exception:  # noqa: BLE001 - the CPU path reads it again and reports it
             return None
 
-    def _finish(self, item: _Item, plan: Plan, frame: Any | None) -> None:
+    def _prepare(self, plan: Plan, members: list[tuple[_Item, Any]]) -> None:
         try:
-            if frame is None:
-                raise RuntimeError("nvImageCodec returned no image")
-            if frame.ndim == 3 and frame.shape[2] == 1:
-                frame = frame.reshape(frame.shape[0], frame.shape[1])
-            if frame.ndim != 2:
-                raise RuntimeError(f"decoded frame shaped {tuple(frame.shape)}")
-            tensor = self.backend.prepare(plan, frame)
-        except Exception as exc:  # noqa: BLE001 - per image: the CPU path takes it
-            with self._lock:
-                self.fallbacks += 1
-            log.warning("GPU path failed on an image (%s: %s); the decode processes take it",
-                        type(exc).__name__, exc)
-            self._to_cpu(item)
+            tensors = self.backend.prepare(plan, [frame for _, frame in members])
+            if len(tensors) != len(members):
+                raise RuntimeError(f"{len(tensors)} tensors for {len(members)} frames")
+        except Exception as exc:  # noqa: BLE001 - per image: the CPU path takes them
+            for item, _ in members:
+                self._fall_back(item, exc)
             return
-        if not item.future.set_running_or_notify_cancel():
-            return
+        for (item, _), tensor in zip(members, tensors, strict=True):
+            if item.future.set_running_or_notify_cancel():
+                with self._lock:
+                    self.gpu += 1
+                item.future.set_result(tensor.copy())  # not a view holding the whole batch
+
+    def _fall_back(self, item: _Item, exc: BaseException) -> None:
         with self._lock:
-            self.gpu += 1
-        item.future.set_result(tensor)
+            self.fallbacks += 1
+        log.warning("GPU path failed on an image (%s: %s); the decode processes take it",
+                    type(exc).__name__, exc)
+        self._to_cpu(item)
 
     def submit_call(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         return self.cpu.submit_call(fn, *args)
@@ -317,12 +378,22 @@ class GpuDecoder:
         self.cpu.warm_up()
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        if self._threads[0].is_alive():
             self._queue.put(None)
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
         log.info("GPU decode: %d image(s) on the GPU, %d routed, %d fallback(s), "
                  "%d overflow", self.gpu, self.routed, self.fallbacks, self.overflow)
         self.cpu.close()
+
+
+def _flat(frame: Any | None) -> Any | None:
+    """A decoded frame as 2-D (nvImageCodec gives H × W × 1 for grayscale), else None."""
+    if frame is None:
+        return None
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame.reshape(frame.shape[0], frame.shape[1])
+    return frame if frame.ndim == 2 else None
 
 
 def make_decoder(settings: Settings, cpu: Decoder | None = None,

@@ -11,6 +11,8 @@ job, a direct commit) for one-off use such as tests and scripts.
 Every decode goes through :class:`~worker.shared_decode.SharedDecoder`: the jobs of a study
 routed to several models (one job per model) share one decode per image and preprocessing
 spec, and the pipeline is sized to the node (:mod:`worker.layout`) where settings say auto.
+On a node with a GPU and the gpu-decode extra, compressed frames are decoded and prepared on
+the GPU in front of the pool (:mod:`worker.gpu_decode`); the pool takes the rest.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from lightbox import metrics
 from lightbox.errors import PixelDecodeError
 from lightbox.settings import Settings
 from worker.batcher import Batcher, BatchInfo, ImageResult
-from worker.decode_pool import DecodePool, InlineDecoder
+from worker.decode_pool import InlineDecoder
 from worker.gpu_decode import make_decoder
 from worker.heartbeat import Heartbeats
 from worker.layout import model_batch_limit, sized_settings
 from worker.model_cache import LoadedModel, ModelCache
-from worker.shared_decode import SharedDecoder
+from worker.shared_decode import Decoder, SharedDecoder
 from worker.writer import JobResult, ResultWriter, write_group
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class WorkerPipeline:
     """Decode pool + per-model batchers + group-commit writer + heartbeats, for one process."""
 
     def __init__(self, settings: Settings, cache: ModelCache,
-                 decoder: DecodePool | InlineDecoder | None = None) -> None:
+                 decoder: Decoder | None = None) -> None:
         settings = sized_settings(settings)
         self.settings, self.cache = settings, cache
         # The GPU (nvImageCodec + CuPy) in front of the decode pool where the node has one.

@@ -1,5 +1,6 @@
-"""A small fixed-weight ONNX model (conv, ReLU, pooling, sigmoid scores) that turns two
-preparations of one image into scores to compare: the GPU path's against the CPU path's."""
+"""For the GPU decoding tests: a small fixed-weight ONNX model (conv, ReLU, pooling, sigmoid
+scores) that turns two preparations of one image into scores to compare (the GPU path's
+against the CPU path's), and the real chest CR re-encoded as HTJ2K."""
 
 from __future__ import annotations
 
@@ -37,4 +38,25 @@ def scores(model: Path, tensors: list[np.ndarray]) -> np.ndarray:
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     out: np.ndarray = session.run(None, {"x": np.stack(tensors).astype(np.float32)})[0]
+    return out
+
+
+def htj2k_copy(out: Path) -> Path:
+    """pydicom-data's uncompressed chest CR as HTJ2K lossless (OpenJPH through imagecodecs):
+    no HTJ2K file ships with pydicom-data."""
+    import imagecodecs
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import HTJ2KLossless
+
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    codestream = imagecodecs.htj2k_encode(ds.pixel_array)
+    if not np.array_equal(imagecodecs.htj2k_decode(codestream), ds.pixel_array):
+        raise AssertionError("OpenJPH's encoding is not lossless")
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.save_as(out, enforce_file_format=True)
     return out
